@@ -1,0 +1,146 @@
+"""Assistant: one call that takes the history, an image, typed or spoken text, and streams the answer."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from inference.config import GenerationOptions, Manifest, TemplateName
+from inference.loading import DEFAULT_CPU_DTYPE, load_weights
+from inference.model import MultimodalPhi
+from inference.prompt import Conversation, Turn, render
+from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
+from inference.vision import ImageError, to_rgb
+
+MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
+IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
+
+
+class InputError(ValueError):
+    """A problem with what the user gave; the message is written for them."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    question: str  # what was asked: the typed text and/or the transcript of the audio
+    answer: str  # the answer so far; grows with each reply yielded
+    transcript: str | None = None  # what whisper heard, when audio was given
+    notice: str | None = None  # something the user should know (audio trimmed, history shortened)
+
+
+class Assistant:
+    def __init__(
+        self,
+        model: MultimodalPhi,
+        tokenizer,
+        manifest: Manifest,
+        transcriber: Transcriber | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.transcriber = transcriber
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: str | Path,
+        whisper_model: str | None = DEFAULT_WHISPER,
+        dtype: torch.dtype = DEFAULT_CPU_DTYPE,
+    ) -> Assistant:
+        """Load a weights folder and (unless `whisper_model` is None) a whisper model for spoken questions."""
+        loaded = load_weights(weights, dtype=dtype)
+        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
+        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber)
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.language_model.config.max_position_embeddings
+
+    def chat(
+        self,
+        history: Sequence[tuple[str, str]],
+        image: Image.Image | None,
+        text: str | None = None,
+        audio: AudioInput | None = None,
+        options: GenerationOptions | None = None,
+    ) -> Iterator[Reply]:
+        """Answer a question about `image`, given earlier (question, answer) pairs about the same image.
+
+        Yields a `Reply` whose `answer` grows as tokens arrive. Raises `InputError` for anything the user
+        can fix (no image, no question, unreadable audio or image, too long a question).
+        """
+        options = options or GenerationOptions()
+        if image is None:
+            raise InputError("Upload an image first, then ask about it.")
+        transcript = self._transcribe(audio) if audio is not None else None
+        parts = [(text or "").strip(), transcript.text if transcript else ""]
+        question = " ".join(part for part in parts if part)
+        if not question:
+            raise InputError("Type or record a question about the image.")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+
+        image_embeds = self.image_embeds(image)
+        input_ids, dropped = self._prompt(history, question, options)
+        notices = [transcript.notice if transcript else None]
+        if dropped:
+            notices.append(f"The {dropped} oldest exchange(s) no longer fit the context and were left out.")
+        notice = " ".join(n for n in notices if n) or None
+        heard = transcript.text if transcript else None
+        yield Reply(question, "", heard, notice)
+        for answer in self.model.stream(self.tokenizer, input_ids, image_embeds, options):
+            yield Reply(question, answer, heard, notice)
+
+    def image_embeds(self, image: Image.Image) -> torch.Tensor:
+        """Projected embeddings (1, patches, width) of an image, computed once per distinct image."""
+        try:
+            image = to_rgb(image)
+        except ImageError as error:
+            raise InputError(f"The image could not be used: {error}.") from error
+        key = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest() + str(image.size)
+        with self._lock:
+            if key in self._image_cache:
+                self._image_cache.move_to_end(key)
+                return self._image_cache[key]
+        with torch.no_grad():
+            embeds = self.model.encode_images(self.model.vision_tower.preprocess([image]))
+        with self._lock:
+            self._image_cache[key] = embeds
+            while len(self._image_cache) > IMAGE_CACHE_SIZE:
+                self._image_cache.popitem(last=False)
+        return embeds
+
+    def _transcribe(self, audio: AudioInput) -> Transcript:
+        if self.transcriber is None:
+            raise InputError("Spoken questions are turned off here; type the question instead.")
+        try:
+            return self.transcriber(audio)
+        except AudioError as error:
+            raise InputError(f"The audio could not be used: {error}.") from error
+
+    def _prompt(
+        self, history: Sequence[tuple[str, str]], question: str, options: GenerationOptions
+    ) -> tuple[list[int], int]:
+        """Prompt ids for the newest question, dropping the oldest exchanges until the answer fits."""
+        if self.manifest.template is TemplateName.PLAIN:
+            history = []  # caption-only weights (stage 1) answer every question afresh
+        budget = self.max_positions - options.max_new_tokens - self.manifest.image_tokens + 1  # +1: placeholder
+        for dropped in range(len(history) + 1):
+            turns = [Turn(q, a) for q, a in history[dropped:]] + [Turn(question)]
+            prompt = render(self.manifest.template, Conversation(tuple(turns)), self.tokenizer, True)
+            if len(prompt.input_ids) <= budget:
+                return prompt.input_ids, dropped
+        raise InputError(
+            f"The question is too long: with a {options.max_new_tokens}-token answer it does not fit the "
+            f"model's {self.max_positions}-token context. Shorten it or lower the answer length."
+        )

@@ -1,0 +1,49 @@
+"""The repository's promises: README commands, Space header, file map and dependencies."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def bash_blocks(text):
+    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_command = next(block for block in bash_blocks(README) if "pytest" in block)
+    ci_commands = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert test_command in ci_commands
+    assert "set -euo pipefail" in ci_commands
+
+
+def test_readme_starts_with_the_space_header():
+    header = README.split("---")[1]
+    fields = dict(line.split(": ", 1) for line in header.strip().splitlines())
+    assert fields["sdk"] == "gradio" and fields["app_file"] == "app.py"
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert f"gradio=={fields['sdk_version']}" in requirements
+    assert fields["python_version"].strip('"') == "3.11"
+
+
+def test_every_file_in_the_readme_map_exists():
+    file_map = README.split("## Files")[1].split("```")[1]
+    paths = [line.split()[0] for line in file_map.strip().splitlines()]
+    assert len(paths) > 10
+    for path in paths:
+        assert list(ROOT.glob(path)), f"README lists {path}, which does not exist"
+
+
+def test_dependencies_are_pinned_and_avoid_the_broken_ones():
+    lines = [
+        line.split("#")[0].strip()
+        for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt")
+        for line in (ROOT / name).read_text().splitlines()
+    ]
+    packages = [line for line in lines if line and not line.startswith("-r")]
+    for package in packages:
+        assert re.search(r"==|<", package), f"{package} is not pinned"
+    names = {re.split(r"[=<>]", package)[0].lower() for package in packages}
+    assert not names & {"torchvision", "timm", "open_clip_torch", "open-clip-torch"}
+    assert "torch==2.13.0" in packages
