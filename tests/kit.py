@@ -135,6 +135,33 @@ def build_tiny_phi(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int =
     return folder
 
 
+def pretrain_tiny_phi(source: Path, folder: Path, texts: list[str], steps: int = 200, seed: int = 0) -> Path:
+    """A copy of a tiny Phi trained on `texts` (each ending in end-of-text), standing in for a pretrained LM.
+
+    Stages that freeze the language model need one that already knows the language of their data, as
+    phi-2 does; a random one cannot be steered by image embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = PhiForCausalLM.from_pretrained(source)
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    length = max(map(len, encoded))
+    ids = torch.tensor([row + [tokenizer.eos_token_id] * (length - len(row)) for row in encoded])
+    labels = torch.tensor([row + [-100] * (length - len(row)) for row in encoded])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A 2-layer `CLIPVisionModel` with TinyCLIP's geometry: 224 px, 32 px patches → 49 patch tokens."""
     torch.manual_seed(seed)

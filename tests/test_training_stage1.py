@@ -1,0 +1,256 @@
+"""Stage 1 end to end on tiny models: COCO-format data → preparation → feature cache → training → weights."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from tests.kit import make_shape_image, pretrain_tiny_phi
+from training import cache_features, prepare_coco, stage1_align
+from training.data import Collator, load_examples
+from training.feature_cache import FeatureCache
+from training.trainer import Trainer, trainable_checksum
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = ["red", "green", "blue", "yellow"]
+SIDES = {"left": 0.3, "right": 0.7}
+
+
+def captions(colour: str, side: str) -> list[str]:
+    return [f"A {colour} circle on the {side}.", f"A {colour} shape."]
+
+
+def coco_split(root: Path, split: str, count: int, first_id: int) -> None:
+    """A COCO captions file in the real format, with generated images of a coloured shape."""
+    folder = root / f"{split}2017"
+    folder.mkdir(parents=True)
+    images, annotations = [], []
+    for number in range(count):
+        image_id = first_id + number
+        colour, side = COLOURS[number % 4], list(SIDES)[number // 4 % 2]
+        name = f"{image_id:012d}.jpg"
+        image = make_shape_image("white", size=(96, 96))
+        x = int(96 * SIDES[side])
+        image.paste(make_shape_image(colour, size=(40, 40)), (x - 20, 28))
+        image.save(folder / name, quality=95)
+        images.append({"id": image_id, "file_name": name, "width": 96, "height": 96})
+        for caption_number, caption in enumerate(captions(colour, side)):
+            annotations.append({"id": image_id * 10 + caption_number, "image_id": image_id, "caption": caption})
+    annotation_folder = root / "annotations"
+    annotation_folder.mkdir(exist_ok=True)
+    data = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
+    (annotation_folder / f"captions_{split}2017.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    coco_split(root, "train", 32, 1000)
+    coco_split(root, "val", 8, 2000)
+    (root / "train2017" / f"{1000:012d}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")  # corrupt
+    (root / "train2017" / f"{1001:012d}.jpg").unlink()  # missing
+    return root
+
+
+@pytest.fixture(scope="module")
+def caption_lm(phi_dir, tmp_path_factory) -> Path:
+    """The tiny Phi after learning to read colour and side from its context and to caption with them.
+
+    phi-2 arrives pretrained: it can use what its context says. A random tiny LM cannot, and a frozen
+    one would leave the projector nothing to align to; this one learned "red left. A red circle on the
+    left." so that stage 1 has to teach the projector to say "red left" in embeddings.
+    """
+    texts = [
+        f"{colour} {side}. {caption}" for colour in COLOURS for side in SIDES for caption in captions(colour, side)
+    ]
+    return pretrain_tiny_phi(phi_dir, tmp_path_factory.mktemp("caption-lm"), texts, steps=600)
+
+
+@pytest.fixture(scope="module")
+def prepared(coco) -> dict:
+    report = prepare_coco.main(["--coco-dir", str(coco), "--out", str(coco / "llava")])
+    return report
+
+
+@pytest.fixture(scope="module")
+def features(coco, prepared, clip_dir) -> Path:
+    out = coco / "features"
+    data = [str(coco / "llava" / f"coco_captions_{split}2017.json") for split in ("train", "val")]
+    args = ["--data", *data, "--image-folder", str(coco), "--out", str(out), "--vision-model", str(clip_dir)]
+    cache_features.main([*args, "--shard-size", "16", "--num-workers", "0"])
+    return out
+
+
+def stage1_args(coco: Path, caption_lm, clip_dir, output: Path, *extra: str) -> list[str]:
+    return [
+        "--train-data", str(coco / "llava" / "coco_captions_train2017.json"),
+        "--eval-data", str(coco / "llava" / "coco_captions_val2017.json"),
+        "--image-folder", str(coco),
+        "--language-model", str(caption_lm),
+        "--vision-model", str(clip_dir),
+        "--output-dir", str(output),
+        "--batch-size", "4", "--global-batch-size", "8",
+        "--lr", "1e-2", "--warmup-ratio", "0.1",
+        "--log-every", "1", "--eval-every", "10", "--save-every", "10", "--eval-batches", "0",
+        "--samples", "2", "--num-workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_preparation_counts_and_skips_bad_images(prepared, coco):
+    assert prepared["train"]["images missing"] == 1 and prepared["train"]["images corrupt"] == 1
+    assert prepared["train"]["captions"] == 30 * 2 and prepared["train"]["images"] == 30
+    assert prepared["val"]["captions"] == 16
+    examples, malformed = load_examples(coco / "llava" / "coco_captions_train2017.json")
+    assert len(examples) == 60 and not malformed
+    assert examples[0].conversation.turns[0].answer.startswith("A ") and examples[0].image.startswith("train2017/")
+
+
+def test_feature_cache_holds_every_readable_image(features, coco):
+    cache = FeatureCache(features)
+    assert len(cache) == 38 and not cache.failed
+    assert cache.meta["shape"] == [49, 16]
+    sample = cache["val2017/000000002000.jpg"]
+    assert sample.shape == (49, 16) and str(sample.dtype) == "float16"
+    # A rerun finds every shard done and rewrites nothing.
+    before = {path: path.stat().st_mtime_ns for path in features.glob("features-*.npy")}
+    data = str(coco / "llava" / "coco_captions_val2017.json")
+    train = str(coco / "llava" / "coco_captions_train2017.json")
+    args = ["--data", data, train, "--image-folder", str(coco), "--out", str(features)]
+    cache_features.main(
+        [*args, "--vision-model", cache.meta["vision_model"], "--shard-size", "16", "--num-workers", "0"]
+    )
+    assert {path: path.stat().st_mtime_ns for path in features.glob("features-*.npy")} == before
+
+
+def test_cached_and_on_the_fly_features_give_the_same_loss(features, coco, caption_lm, clip_dir, tmp_path):
+    config = stage1_align.Stage1Config(train_data="x", image_folder=str(coco), language_model=str(caption_lm),
+                                       vision_model=str(clip_dir))  # fmt: skip
+    model, tokenizer, _ = stage1_align.build_model(config, "no")
+    examples, _ = load_examples(coco / "llava" / "coco_captions_val2017.json")
+    cached = Collator(tokenizer, TemplateName.PLAIN, 64, coco, FeatureCache(features))(examples[:4])
+    on_the_fly = Collator(tokenizer, TemplateName.PLAIN, 64, coco)(examples[:4])
+    assert "image_features" in cached and "pixel_values" in on_the_fly
+    model.eval()
+    with torch.no_grad():
+        loss_cached, loss_live = model(**cached).loss, model(**on_the_fly).loss
+    torch.testing.assert_close(loss_cached, loss_live, rtol=1e-3, atol=1e-3)  # fp16 storage of the features
+
+
+def read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def training_set_loss(model, tokenizer, coco: Path, features: Path) -> float:
+    examples, _ = load_examples(coco / "llava" / "coco_captions_train2017.json")
+    batch = Collator(tokenizer, TemplateName.PLAIN, 64, coco, FeatureCache(features))(examples[::4])
+    with torch.no_grad():
+        return model.eval()(**batch).loss.item()
+
+
+def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco, caption_lm, clip_dir, tmp_path):
+    output = tmp_path / "run"
+    args = stage1_args(coco, caption_lm, clip_dir, output, "--feature-cache", str(features), "--max-steps", "60")
+    summary = stage1_align.main([*args, "--lr", "3e-2", "--eval-every", "20"])
+    assert summary["steps"] == 60 and summary["world_size"] == 1
+    rows = read_log(output / "log.csv")
+    assert len([row for row in rows if row["train_loss"]]) == 60
+    evals = [float(row["eval_loss"]) for row in rows if row["eval_loss"]]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all("generated" in sample for sample in samples)
+    assert (output / "checkpoint" / "trainer.pt").is_file() and (output / "config.yaml").is_file()
+
+    # Loss on a fixed slice of the training set: the same initial projector (same seed) before, the trained one after.
+    config = stage1_align.Stage1Config(train_data="x", image_folder=str(coco), language_model=str(caption_lm),
+                                       vision_model=str(clip_dir))  # fmt: skip
+    set_seed(config.seed)
+    model, tokenizer, _ = stage1_align.build_model(config, "no")
+    before = training_set_loss(model, tokenizer, coco, features)
+    model.projector.load_state_dict(load_file(output / "weights" / "projector.safetensors"))
+    after = training_set_loss(model, tokenizer, coco, features)
+    assert after < 0.75 * before, (before, after)
+
+    manifest = Manifest.load(output / "weights")
+    assert manifest.template is TemplateName.PLAIN and not manifest.adapter
+    assert manifest.training["steps"] == 60
+    assistant = Assistant.from_weights(output / "weights", whisper_model=None, dtype=torch.float32)
+    options = GenerationOptions(max_new_tokens=8)
+    reply = list(assistant.chat([], make_shape_image("red"), text="Describe.", options=options))
+    assert reply[-1].answer
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(features, coco, caption_lm, clip_dir, tmp_path, monkeypatch):
+    args = ["--feature-cache", str(features), "--max-steps", "8", "--save-every", "4", "--eval-every", "4"]
+    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, tmp_path / "whole", *args))
+
+    real_step, calls = Trainer.train_step, []
+
+    def crash_on_sixth_step(self, micro_batches):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_on_sixth_step)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args))
+    assert torch.load(interrupted / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args, "--resume"))
+
+    whole = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")
+    resumed = load_file(interrupted / "weights" / "projector.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7)
+
+    # The log reads as one run: the interrupted run's rows after step 4 were dropped, losses and lr agree.
+    def losses(path):
+        return [(row["step"], row["train_loss"], row["eval_loss"], row["lr"]) for row in read_log(path / "log.csv")]
+
+    whole_log, resumed_log = losses(tmp_path / "whole"), losses(interrupted)
+    assert [row[0] for row in resumed_log] == [row[0] for row in whole_log]
+    for (_, *resumed_values), (_, *whole_values) in zip(resumed_log, whole_log, strict=True):
+        assert [float(v or "nan") for v in resumed_values] == pytest.approx(
+            [float(v or "nan") for v in whole_values], rel=1e-5, nan_ok=True
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir, tmp_path):
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "training.stage1_align",
+        *stage1_args(coco, caption_lm, clip_dir, output, "--feature-cache", str(features), "--max-steps", "4"),
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "run.json").read_text())
+    assert summary["world_size"] == 2
+    # Each rank took its own half of every global batch of 8: 4 steps × 4 samples.
+    assert summary["samples_per_rank"] == [16, 16]
+    checkpoint = torch.load(output / "checkpoint" / "trainer.pt", weights_only=False)
+    assert summary["trainable_checksum_per_rank"] == [trainable_checksum(checkpoint["trainable"])] * 2
+    saved = load_file(output / "weights" / "projector.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, checkpoint["trainable"][f"projector.{name}"])

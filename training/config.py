@@ -1,0 +1,124 @@
+"""Typed training configuration: dataclass fields become CLI flags; a YAML file can set them too.
+
+Precedence: dataclass defaults < `--config FILE.yaml` < command-line flags. The resolved config is
+saved as `config.yaml` beside every checkpoint, so a run can always be read back and repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from inference.config import atomic_write_text
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its CLI help text."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """What every stage shares: output, schedule, precision, logging and checkpoints."""
+
+    output_dir: str = option("runs/train", "checkpoints, logs, plots and the final weights go here")
+    seed: int = option(0, "seed for initialisation, data order and sampling")
+    epochs: float = option(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = option(0, "optimizer steps to run; 0 = derive from --epochs")
+    global_batch_size: int = option(256, "samples per optimizer step, over all devices and accumulation")
+    batch_size: int = option(32, "samples per device per forward (micro-batch)")
+    lr: float = option(1e-3, "peak learning rate")
+    lr_schedule: Literal["cosine", "constant"] = option("cosine", "after warmup: cosine decay or constant")
+    min_lr_ratio: float = option(0.0, "cosine decays to lr × this")
+    warmup_ratio: float = option(0.03, "fraction of the steps spent warming up linearly from 0")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 = no clipping")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", "auto = bf16 where the GPU supports it, fp16 on other GPUs, fp32 on the CPU"
+    )
+    log_every: int = option(10, "optimizer steps between CSV log rows")
+    eval_every: int = option(200, "optimizer steps between held-out evaluations (and loss plots)")
+    eval_batches: int = option(20, "micro-batches of held-out data per evaluation; 0 = all")
+    samples: int = option(3, "held-out examples to generate for at each evaluation")
+    save_every: int = option(500, "optimizer steps between checkpoints")
+    num_workers: int = option(2, "data-loading worker processes per device")
+    resume: bool = option(False, "continue from output_dir/checkpoint exactly where it stopped")
+
+    def __post_init__(self) -> None:
+        positive = ("global_batch_size", "batch_size", "lr", "log_every", "eval_every", "save_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps < 0 or (self.epochs <= 0 and self.max_steps == 0):
+            raise ValueError("give a positive --max-steps or --epochs")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        self.betas = tuple(self.betas)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each device, so that the global batch is what was asked."""
+        per_step = self.batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size} × "
+                f"{world_size} device(s)"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: (list(value) if isinstance(value, tuple) else value) for name, value in vars(self).items()}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / "config.yaml"
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def parse_config(cls: type[C], argv: list[str] | None, description: str | None = None) -> C:
+    """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="YAML file of field: value pairs (flags override it)")
+    for item in dataclasses.fields(cls):
+        flag = "--" + item.name.replace("_", "-")
+        kwargs = _argument(hints[item.name])
+        parser.add_argument(flag, dest=item.name, default=argparse.SUPPRESS, help=item.metadata.get("help"), **kwargs)
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config")
+    if config_file is not None:
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        unknown = sorted(set(loaded) - {item.name for item in dataclasses.fields(cls)})
+        if unknown:
+            parser.error(f"{config_file} has unknown fields {unknown}")
+        values.update(loaded)
+    values.update(args)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+
+
+def _argument(hint: Any) -> dict[str, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if origin is tuple:
+        return {"nargs": len(args), "type": args[0]}
+    if origin is list:
+        return {"nargs": "+", "type": args[0]}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(f"no command-line form for {hint}")

@@ -1,0 +1,113 @@
+"""LLaVA-style conversation data → batches of token ids, labels and image features (cached) or pixels.
+
+The conversation → ids/labels rule is `inference.prompt.render`, the same one serving uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from inference.config import TemplateName
+from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, render
+from inference.vision import preprocess
+from training.feature_cache import FeatureCache, FeatureCacheError
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    conversation: Conversation
+    image: str | None  # path relative to the image folder (and the key in the feature cache)
+
+
+def load_examples(path: str | Path) -> tuple[list[Example], Counter]:
+    """Read a LLaVA-style JSON list; malformed records are skipped and counted by reason."""
+    records = json.loads(Path(path).read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records")
+    examples, skipped = [], Counter()
+    for number, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise ValueError("record is not an object")
+            conversation = Conversation.from_llava(record)
+        except ValueError as error:
+            skipped[str(error)] += 1
+            continue
+        image = record.get("image") or None
+        examples.append(Example(str(record.get("id", number)), conversation, image))
+    return examples, skipped
+
+
+def drop_failed_images(examples: list[Example], cache: FeatureCache) -> tuple[list[Example], int]:
+    """Leave out examples whose image the cache could not read; refuse images the cache never saw."""
+    kept = [example for example in examples if example.image not in cache.failed]
+    missing = sorted({example.image for example in kept if example.image is not None and example.image not in cache})
+    if missing:
+        raise FeatureCacheError(
+            f"{len(missing)} images are not in the feature cache {cache.folder} (first: {missing[0]}); "
+            "run cache_features over this data file"
+        )
+    return kept, len(examples) - len(kept)
+
+
+class Collator:
+    """Examples → {'input_ids', 'labels', and 'image_features' or 'pixel_values'} for `MultimodalPhi`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: TemplateName,
+        max_length: int,
+        image_folder: str | Path | None = None,
+        cache: FeatureCache | None = None,
+        image_size: int = 224,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.cache = cache
+        self.image_size = image_size
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        input_ids, labels = [], []
+        for example in examples:
+            rendered = render(self.template, example.conversation, self.tokenizer)
+            ids, example_labels = rendered.input_ids[: self.max_length], rendered.labels[: self.max_length]
+            if example.image is not None and IMAGE_PLACEHOLDER_ID not in ids:
+                raise ValueError(f"max_length {self.max_length} cut off the image of example {example.id}")
+            input_ids.append(ids)
+            labels.append(example_labels)
+        images = [example.image for example in examples if example.image is not None]
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
+        if images and self.cache is not None:
+            batch["image_features"] = self.cache.stack(images)
+        elif images:
+            batch["pixel_values"] = preprocess([self.load_image(image) for image in images], self.image_size)
+        return batch
+
+    def load_image(self, image: str) -> Image.Image:
+        if self.image_folder is None:
+            raise ValueError("examples have images but no image folder (or feature cache) was given")
+        with Image.open(self.image_folder / image) as opened:
+            opened.load()
+            return opened
+
+
+def token_count(batch: dict[str, Any], image_tokens: int) -> int:
+    """Positions the language model processes for a batch (image placeholders expanded)."""
+    images = sum(ids.count(IMAGE_PLACEHOLDER_ID) for ids in batch["input_ids"])
+    return sum(len(ids) for ids in batch["input_ids"]) + images * (image_tokens - 1)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

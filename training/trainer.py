@@ -1,0 +1,426 @@
+"""The training loop every stage shares.
+
+One process per device (plain `python`, `torchrun` or `accelerate launch`; accelerate picks DDP, on
+GPUs over NCCL or on CPUs over gloo). Each optimizer step takes `global_batch_size` samples: micro-
+batches of `batch_size` per device, accumulated. The data order is a seeded shuffle per epoch, split
+into whole optimizer steps and dealt out to the ranks, so a resumed run sees exactly the batches an
+uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, step, every rank's RNG
+state, the config) are written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from inference.config import GenerationOptions
+from inference.model import MultimodalPhi
+from inference.prompt import Conversation, Turn, render
+from training.config import TrainConfig
+from training.data import Collator, Example, to_device, token_count
+
+CHECKPOINT = "checkpoint"
+LOG_FIELDS = ["step", "epoch", "train_loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s", "gpu_mem_gb"]
+SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
+
+
+def resolve_precision(setting: str) -> str:
+    """'auto' → bf16 on GPUs that support it, fp16 on other GPUs, no mixed precision on the CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: int, epoch: int, rank: int):
+    """This rank's micro-batches (lists of example indices) for one epoch, whole optimizer steps only."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_step = micro * world * accumulation
+    batches = []
+    for start in range(0, size - per_step + 1, per_step):
+        step = order[start : start + per_step]
+        for index in range(accumulation):
+            first = (index * world + rank) * micro
+            batches.append(step[first : first + micro])
+    return batches
+
+
+@dataclass
+class Stage:
+    """What a training stage gives the loop."""
+
+    model: MultimodalPhi
+    param_groups: list[dict[str, Any]]  # torch optimizer groups over the trainable parameters
+    collator: Collator
+    train: list[Example]
+    eval: list[Example]
+    save_weights: Callable[[MultimodalPhi, Path, dict[str, Any]], None]  # writes the final weights folder
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, stage: Stage, accelerator: Accelerator) -> None:
+        self.config = config
+        self.stage = stage
+        self.accelerator = accelerator
+        self.output = Path(config.output_dir)
+        self.world = accelerator.num_processes
+        self.accumulation = config.accumulation_steps(self.world)
+        self.steps_per_epoch = len(stage.train) // config.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(stage.train)} training examples do not fill one global batch of {config.global_batch_size}"
+            )
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        warmup = round(config.warmup_ratio * self.total_steps)
+        self.trainable = [p for group in stage.param_groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(stage.param_groups, betas=config.betas, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, self.total_steps, warmup, config.lr_schedule, config.min_lr_ratio),
+        )
+        self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
+        self.step = 0
+        self.samples_seen = 0
+        self.last_losses: dict[str, float] = {}
+
+    @property
+    def unwrapped(self) -> MultimodalPhi:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `total_steps`, evaluating, logging and checkpointing on the way; returns the run summary."""
+        started = time.time()
+        if self.config.resume:
+            self.load_checkpoint()
+        elif self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "log.csv").unlink(missing_ok=True)
+        if self.main:
+            self.config.save(self.output)
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.main, desc="train", unit="step")
+        window_loss, window_start, window_samples, window_tokens = [], time.time(), 0, 0
+        while self.step < self.total_steps:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            batches = epoch_batches(
+                len(self.stage.train),
+                self.config.batch_size,
+                self.world,
+                self.accumulation,
+                self.config.seed,
+                epoch,
+                self.accelerator.process_index,
+            )[offset * self.accumulation :]
+            loader = DataLoader(
+                self.stage.train,
+                batch_sampler=batches,
+                collate_fn=self.stage.collator,
+                num_workers=self.config.num_workers,
+            )
+            micro_batches = iter(loader)
+            for _ in range(self.steps_per_epoch - offset):
+                if self.step >= self.total_steps:
+                    break
+                loss, samples, tokens = self.train_step(micro_batches)
+                self.step += 1
+                window_loss.append(loss)
+                window_samples += samples
+                window_tokens += tokens
+                progress.update()
+                if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.time() - window_start
+                    row = self.log_train(window_loss, window_samples / elapsed, window_tokens / elapsed)
+                    progress.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    window_loss, window_start, window_samples, window_tokens = [], time.time(), 0, 0
+                if self.step % self.config.eval_every == 0 or self.step == self.total_steps:
+                    self.evaluate()
+                if self.step % self.config.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+        progress.close()
+        return self.finish(time.time() - started)
+
+    def train_step(self, micro_batches: Iterator[dict[str, Any]]) -> tuple[float, int, int]:
+        """One optimizer step over `accumulation` micro-batches; returns (mean loss, samples, tokens) globally."""
+        self.model.train()
+        total, samples, tokens = 0.0, 0, 0
+        for index in range(self.accumulation):
+            batch = to_device(next(micro_batches), self.accelerator.device)
+            samples += len(batch["input_ids"])
+            tokens += token_count(batch, self.unwrapped.vision_tower.num_patches)
+            last = index == self.accumulation - 1
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    loss = self.model(**batch).loss
+                self.accelerator.backward(loss / self.accumulation)
+            total += loss.detach().float().item() / self.accumulation
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples_seen += samples
+        stats = torch.tensor([total, samples, tokens], dtype=torch.float64, device=self.accelerator.device)
+        stats = self.accelerator.reduce(stats, reduction="sum")
+        return stats[0].item() / self.world, int(stats[1]), int(stats[2])
+
+    def log_train(self, losses: list[float], samples_per_s: float, tokens_per_s: float) -> dict[str, Any]:
+        memory = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        row = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "train_loss": sum(losses) / len(losses),
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": round(samples_per_s, 2),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "gpu_mem_gb": None if memory is None else round(memory, 2),
+        }
+        self.last_losses["train"] = row["train_loss"]
+        self.write_log(row)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Held-out loss (averaged over ranks), a few sample generations, and a fresh loss plot."""
+        if not self.stage.eval:
+            return None
+        model, rank = self.unwrapped, self.accelerator.process_index
+        model.eval()
+        size = self.config.batch_size
+        batches = [list(range(i, min(i + size, len(self.stage.eval)))) for i in range(0, len(self.stage.eval), size)]
+        if self.config.eval_batches:
+            batches = batches[: self.config.eval_batches]
+        mine = batches[rank :: self.world]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        for indices in mine:
+            batch = to_device(self.stage.collator([self.stage.eval[i] for i in indices]), self.accelerator.device)
+            with self.accelerator.autocast():
+                totals[0] += model(**batch).loss.float() * len(indices)
+            totals[1] += len(indices)
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        eval_loss = (totals[0] / totals[1]).item()
+        self.last_losses["eval"] = eval_loss
+        if self.main:
+            self.write_log(
+                {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "eval_loss": eval_loss}
+            )
+            self.write_samples(model)
+            plot_losses(self.output / "log.csv", self.output / "loss.png", title=self.output.name)
+            tqdm.write(f"step {self.step}: held-out loss {eval_loss:.4f}")
+        return eval_loss
+
+    def write_samples(self, model: MultimodalPhi) -> None:
+        """Greedy answers for the first held-out examples, printed and appended to samples.jsonl."""
+        options = GenerationOptions(max_new_tokens=SAMPLE_TOKENS)
+        tokenizer = self.stage.collator.tokenizer
+        with open(self.output / "samples.jsonl", "a") as log:
+            for example in self.stage.eval[: self.config.samples]:
+                turns = example.conversation.turns
+                question = Conversation((*turns[:-1], Turn(turns[-1].question)), example.conversation.has_image)
+                prompt = render(self.stage.collator.template, question, tokenizer, add_generation_prompt=True)
+                batch = to_device(self.stage.collator([example]), self.accelerator.device)
+                image_embeds = None
+                if example.image is not None:
+                    image_embeds = model.encode_images(
+                        batch.get("pixel_values"), image_features=batch.get("image_features")
+                    )
+                with self.accelerator.autocast():
+                    tokens = model.generate(prompt.input_ids, image_embeds, options)
+                answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                record = {"step": self.step, "id": example.id, "reference": turns[-1].answer, "generated": answer}
+                log.write(json.dumps(record) + "\n")
+                tqdm.write(f"  [{example.id}] reference: {turns[-1].answer!r}\n  [{example.id}] generated: {answer!r}")
+
+    def write_log(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        path = self.output / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({key: ("" if value is None else value) for key, value in row.items()})
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {
+            name: parameter.detach().cpu().clone()
+            for name, parameter in self.unwrapped.named_parameters()
+            if parameter.requires_grad
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write output_dir/checkpoint atomically: every rank its RNG state, the main process the rest."""
+        staging, final = self.output / f".{CHECKPOINT}.tmp", self.output / CHECKPOINT
+        if self.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        torch.save(rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
+        if self.main:
+            state = {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "world_size": self.world,
+                "trainable": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+            torch.save(state, staging / "trainer.pt")
+            self.config.save(staging)
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            old = self.output / f".{CHECKPOINT}.old"
+            if final.exists():
+                final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        folder = self.output / CHECKPOINT
+        if not (folder / "trainer.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+        if state["world_size"] != self.world:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} processes; this run has {self.world}"
+            )
+        parameters = dict(self.unwrapped.named_parameters())
+        if set(state["trainable"]) != {name for name, p in parameters.items() if p.requires_grad}:
+            raise ValueError("the checkpoint's trainable parameters differ from this model's")
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                parameters[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=False))
+        if self.main:
+            truncate_log(self.output / "log.csv", self.step)
+            tqdm.write(f"resumed from {folder} at step {self.step}")
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Check that all ranks hold the same weights, then write the weights folder and run.json."""
+        checksums = gather_object([trainable_checksum(self.trainable_state())])
+        samples = gather_object([self.samples_seen])
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"ranks finished with different weights: {checksums}")
+        summary = {
+            "steps": self.step,
+            "world_size": self.world,
+            "samples_per_rank": samples,
+            "trainable_checksum_per_rank": checksums,
+            "final_train_loss": self.last_losses.get("train"),
+            "final_eval_loss": self.last_losses.get("eval"),
+            "seconds": round(seconds, 1),
+            "config": self.config.to_dict(),
+        }
+        if self.main:
+            self.stage.save_weights(self.unwrapped, self.output / "weights", summary)
+            (self.output / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self.accelerator.wait_for_everyone()
+        return summary
+
+
+def trainable_checksum(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint a run resumes from (the interrupted run's tail)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as file:
+        rows = [row for row in csv.DictReader(file) if int(row["step"]) <= step]
+    temp = path.with_suffix(".tmp")
+    with open(temp, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temp, path)
+
+
+def plot_losses(log: Path, image: Path, title: str) -> None:
+    """Training and held-out loss against step, from log.csv, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    with open(log, newline="") as file:
+        rows = list(csv.DictReader(file))
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for column, label in (("train_loss", "training"), ("eval_loss", "held-out")):
+        points = [(int(row["step"]), float(row[column])) for row in rows if row[column]]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o" if column == "eval_loss" else None, label=label)
+    axes.set(xlabel="optimizer step", ylabel="loss", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    temp = image.with_name(f".{image.name}")
+    figure.savefig(temp, format="png", dpi=100)
+    plt.close(figure)
+    os.replace(temp, image)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # Without CUDA, cpu=True is what makes accelerate join a torchrun/accelerate-launch group (gloo);
+    # otherwise every process would train alone, each believing it is the only one.
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
+    )
+    set_seed(config.seed)
+    return accelerator
