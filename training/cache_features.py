@@ -3,7 +3,7 @@
     python -m training.cache_features --data data/coco/llava/coco_captions_train2017.json \
         data/coco/llava/coco_captions_val2017.json --image-folder data/coco --out data/coco/features
 
-fp16 features of TinyCLIP at 49 × 640 take 63 KB per image (7.4 GB for COCO train2017 + val2017).
+fp16 features of TinyCLIP at 49 × 640 take 63 KB per image (7.7 GB for COCO train2017 + val2017).
 Both training stages read them instead of running the tower; an interrupted run resumes shard by
 shard. Unreadable images are recorded in meta.json and left out of training, with a count.
 """
