@@ -57,8 +57,9 @@ class Manifest:
     """Everything needed to rebuild the served model from a weights folder."""
 
     name: str = "multimodal-phi2"  # shown in the app's header
-    language_model: str = PHI2_ID  # Hub id or local folder of the causal LM (and its tokenizer)
-    vision_model: str = TINYCLIP_ID  # Hub id or local folder of a transformers CLIP vision model
+    # Hub id or folder of the causal LM (and its tokenizer); "./x" is relative to the weights folder.
+    language_model: str = PHI2_ID
+    vision_model: str = TINYCLIP_ID  # Hub id or folder of a transformers CLIP vision model (same rule)
     # Which hidden state of the vision transformer feeds the projector: -1 is the last layer (the
     # original project), -2 the penultimate (LLaVA). Training chooses; the manifest records it.
     vision_feature_layer: int = -2

@@ -45,16 +45,25 @@ def load_weights(folder: str | Path, dtype: torch.dtype = DEFAULT_CPU_DTYPE, dev
     if manifest.adapter and not adapter.is_dir():
         raise ManifestError(f"{folder}/manifest.json says there is an adapter, but {adapter} is missing")
 
-    tokenizer = AutoTokenizer.from_pretrained(manifest.language_model)
-    language_model = AutoModelForCausalLM.from_pretrained(manifest.language_model, dtype=dtype)
+    language_model_id = resolve_model_reference(folder, manifest.language_model)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_id)
+    language_model = AutoModelForCausalLM.from_pretrained(language_model_id, dtype=dtype)
     if manifest.adapter:
         language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
-    vision_tower = VisionTower.from_pretrained(manifest.vision_model, manifest.vision_feature_layer)
+    vision_model_id = resolve_model_reference(folder, manifest.vision_model)
+    vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
     projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)
     _check_shapes(manifest, vision_tower, language_model)
 
     model = MultimodalPhi(vision_tower, projector, language_model, tokenizer.eos_token_id)
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
+
+
+def resolve_model_reference(folder: Path, reference: str) -> str:
+    """A Hub id or absolute folder as it is; `./...` or `../...` relative to the weights folder itself."""
+    if reference == "." or reference.startswith(("./", "../")):
+        return str((folder / reference).resolve())
+    return reference
 
 
 def _check_shapes(manifest: Manifest, vision_tower: VisionTower, language_model: PreTrainedModel) -> None:

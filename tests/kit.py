@@ -120,8 +120,8 @@ def build_tiny_phi(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int =
     torch.manual_seed(seed)
     config = PhiConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as phi-2's 51200 is
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # bitsandbytes' CPU 4-bit kernels need layers at least one 64-wide block wide
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=2048,  # phi-2's context, so prompts fit as they would in production

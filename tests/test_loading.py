@@ -19,7 +19,7 @@ def test_weights_folder_round_trips_exactly(tmp_path, phi_dir, clip_dir):
         language_model=str(phi_dir),
         vision_model=str(clip_dir),
         image_tokens=49,
-        projector=ProjectorConfig(ProjectorType.MLP2X_GELU, 16, 32),
+        projector=ProjectorConfig(ProjectorType.MLP2X_GELU, 16, 64),
         adapter=True,
         training={"stage": 2},
     )
@@ -71,7 +71,7 @@ def test_projector_file_must_match_the_manifest(tmp_path):
     path = tmp_path / "projector.safetensors"
     save_projector(build_projector(ProjectorConfig(ProjectorType.LINEAR, 16, 32)), path)
     with pytest.raises(ValueError, match="holds tensors"):
-        load_projector(ProjectorConfig(ProjectorType.MLP2X_GELU, 16, 32), path)
+        load_projector(ProjectorConfig(ProjectorType.MLP2X_GELU, 16, 64), path)
     with pytest.raises(ValueError, match="shape"):
         load_projector(ProjectorConfig(ProjectorType.LINEAR, 640, 32), path)
 

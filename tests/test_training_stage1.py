@@ -66,11 +66,11 @@ def caption_lm(phi_dir, tmp_path_factory) -> Path:
     """The tiny Phi after learning to read colour and side from its context and to caption with them.
 
     phi-2 arrives pretrained: it can use what its context says. A random tiny LM cannot, and a frozen
-    one would leave the projector nothing to align to; this one learned "red left. A red circle on the
+    one would leave the projector nothing to align to; this one learned "red left: A red circle on the
     left." so that stage 1 has to teach the projector to say "red left" in embeddings.
     """
     texts = [
-        f"{colour} {side}. {caption}" for colour in COLOURS for side in SIDES for caption in captions(colour, side)
+        f"{colour} {side}: {caption}" for colour in COLOURS for side in SIDES for caption in captions(colour, side)
     ]
     return pretrain_tiny_phi(phi_dir, tmp_path_factory.mktemp("caption-lm"), texts, steps=600)
 

@@ -19,7 +19,9 @@ from inference.config import atomic_write_text
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its CLI help text."""
+    """A dataclass field with its CLI help text (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -38,6 +40,9 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, "cosine decays to lr × this")
     warmup_ratio: float = option(0.03, "fraction of the steps spent warming up linearly from 0")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = option(
+        "adamw", "torch AdamW, or bitsandbytes' 8-bit AdamW (paged: spills optimizer state to CPU memory on GPUs)"
+    )
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 = no clipping")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from inference.config import TemplateName
@@ -57,6 +58,20 @@ def drop_failed_images(examples: list[Example], cache: FeatureCache) -> tuple[li
             "run cache_features over this data file"
         )
     return kept, len(examples) - len(kept)
+
+
+def load_split(path: str | Path, cache: FeatureCache | None, label: str) -> list[Example]:
+    """Examples of one data file, minus malformed records and unreadable images, each reported with a count."""
+    examples, malformed = load_examples(path)
+    failed = 0
+    if cache is not None:
+        examples, failed = drop_failed_images(examples, cache)
+    if malformed:
+        reasons = "; ".join(f"{count} × {reason}" for reason, count in malformed.most_common(3))
+        tqdm.write(f"{label}: skipped {sum(malformed.values())} malformed records ({reasons})")
+    if failed:
+        tqdm.write(f"{label}: skipped {failed} records whose image could not be read")
+    return examples
 
 
 class Collator:

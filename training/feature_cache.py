@@ -105,3 +105,12 @@ class FeatureCache:
 
     def stack(self, images: Sequence[str]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self[image] for image in images]))
+
+
+def open_cache(folder: str | Path, vision_model: str, feature_layer: int) -> FeatureCache | None:
+    """The cache in `folder` after checking it matches the run's tower; None when no folder is given."""
+    if not folder:
+        return None
+    cache = FeatureCache(folder)
+    cache.check(vision_model, feature_layer)
+    return cache

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference.config import PHI2_ID, TINYCLIP_ID, Manifest, ProjectorConfig, ProjectorType, TemplateName
@@ -30,9 +28,9 @@ from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.vision import VisionTower
 from training.config import TrainConfig, option, parse_config
-from training.data import Collator, drop_failed_images, load_examples
-from training.feature_cache import FeatureCache
-from training.trainer import Stage, Trainer, make_accelerator, resolve_precision
+from training.data import Collator, load_split
+from training.feature_cache import open_cache
+from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
 
 
 @dataclass
@@ -57,15 +55,10 @@ class Stage1Config(TrainConfig):
             raise ValueError("give --image-folder, --feature-cache, or both")
 
 
-def language_model_dtype(precision: str) -> torch.dtype:
-    """The frozen language model is stored in the mixed-precision dtype: half the memory, same autocast math."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
 def build_model(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, ProjectorConfig]:
     """Frozen tokenizer, language model and vision tower from the config's ids, and a new projector."""
     tokenizer = AutoTokenizer.from_pretrained(config.language_model)
-    language_model = AutoModelForCausalLM.from_pretrained(config.language_model, dtype=language_model_dtype(precision))
+    language_model = AutoModelForCausalLM.from_pretrained(config.language_model, dtype=precision_dtype(precision))
     language_model.requires_grad_(False)
     tower = VisionTower.from_pretrained(config.vision_model, config.vision_feature_layer)
     projector_config = ProjectorConfig(ProjectorType(config.projector), tower.width, language_model.config.hidden_size)
@@ -73,29 +66,13 @@ def build_model(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, An
     return MultimodalPhi(tower, projector, language_model, tokenizer.eos_token_id), tokenizer, projector_config
 
 
-def load_data(config: Stage1Config, path: str, cache: FeatureCache | None, label: str):
-    examples, malformed = load_examples(path)
-    failed = 0
-    if cache is not None:
-        examples, failed = drop_failed_images(examples, cache)
-    if malformed or failed:
-        reasons = "; ".join(f"{count} × {reason}" for reason, count in malformed.most_common(3))
-        tqdm.write(
-            f"{label}: skipped {sum(malformed.values())} malformed records ({reasons}), {failed} unreadable images"
-        )
-    return examples
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(Stage1Config, argv, __doc__)
     accelerator = make_accelerator(config)
     model, tokenizer, projector_config = build_model(config, resolve_precision(config.mixed_precision))
-    cache = None
-    if config.feature_cache:
-        cache = FeatureCache(config.feature_cache)
-        cache.check(config.vision_model, config.vision_feature_layer)
-    train = load_data(config, config.train_data, cache, "train")
-    evaluation = load_data(config, config.eval_data, cache, "eval") if config.eval_data else []
+    cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer)
+    train = load_split(config.train_data, cache, "train")
+    evaluation = load_split(config.eval_data, cache, "eval") if config.eval_data else []
     collator = Collator(
         tokenizer,
         TemplateName.PLAIN,

@@ -51,6 +51,21 @@ def resolve_precision(setting: str) -> str:
     return "no"
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """Storage dtype for frozen weights under a mixed-precision setting: half the memory, same autocast math."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    kwargs = {"betas": config.betas, "weight_decay": config.weight_decay}
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, **kwargs)
+    import bitsandbytes
+
+    optimizers = {"adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit}
+    return optimizers[config.optimizer](param_groups, **kwargs)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     if step < warmup:
@@ -102,7 +117,7 @@ class Trainer:
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         warmup = round(config.warmup_ratio * self.total_steps)
         self.trainable = [p for group in stage.param_groups for p in group["params"]]
-        optimizer = torch.optim.AdamW(stage.param_groups, betas=config.betas, weight_decay=config.weight_decay)
+        optimizer = build_optimizer(config, stage.param_groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(step, self.total_steps, warmup, config.lr_schedule, config.min_lr_ratio),

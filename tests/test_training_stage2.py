@@ -1,0 +1,231 @@
+"""Stage 2 on tiny models: 4-bit QLoRA on multi-turn conversations → a weights folder the app serves."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PhiForCausalLM
+
+from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from inference.prompt import IGNORE_INDEX, Conversation, Turn, render
+from tests.kit import build_weights_folder, make_shape_image, pretrain_tiny_phi
+from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
+from training.config import parse_config
+from training.data import Collator, load_examples
+from training.trainer import Trainer, resolve_precision
+
+COLOURS = ["red", "green", "blue"]
+QUESTIONS = [("What colour is the shape?", "{colour}."), ("Is it on the left or the right?", "On the {side}.")]
+MALFORMED = [
+    {"id": "no-conversations", "image": "x.png"},
+    {"id": "odd", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]},
+    {
+        "id": "roles",
+        "image": "x.png",
+        "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}],
+    },
+]
+
+
+def conversation_record(number: int, colour: str, side: str) -> dict:
+    messages = []
+    for index, (question, answer) in enumerate(QUESTIONS):
+        messages.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+        messages.append({"from": "gpt", "value": answer.format(colour=colour.capitalize(), side=side)})
+    return {"id": str(number), "image": f"images/{number}.png", "conversations": messages}
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("instruct")
+    (root / "images").mkdir()
+    records = []
+    for number in range(24):
+        colour, side = COLOURS[number % 3], ["left", "right"][number // 3 % 2]
+        image = make_shape_image("white", size=(96, 96))
+        image.paste(make_shape_image(colour, size=(40, 40)), (10 if side == "left" else 46, 28))
+        image.save(root / "images" / f"{number}.png")
+        records.append(conversation_record(number, colour, side))
+    (root / "train.json").write_text(json.dumps(records + MALFORMED))
+    (root / "eval.json").write_text(json.dumps(records[:4]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def chat_lm(phi_dir, tmp_path_factory) -> Path:
+    """The tiny Phi after learning to answer from a description in its context, standing in for phi-2.
+
+    A random frozen tiny LM cannot be tuned by a LoRA alone: its frozen output layer is too small to
+    move the loss (it stayed at 4.9 nats); phi-2 arrives knowing how to answer.
+    """
+    texts = [
+        f"{colour} {side}. USER: {question} ASSISTANT: {answer.format(colour=colour.capitalize(), side=side)}"
+        for colour in COLOURS
+        for side in ("left", "right")
+        for question, answer in QUESTIONS
+    ]
+    return pretrain_tiny_phi(phi_dir, tmp_path_factory.mktemp("chat-lm"), texts, steps=400)
+
+
+@pytest.fixture(scope="module")
+def stage1_weights(tmp_path_factory, chat_lm, clip_dir) -> Path:
+    """Stage-1 stand-in: a weights folder over the chat LM with a fresh (untrained) projector."""
+    return build_weights_folder(tmp_path_factory.mktemp("stage1") / "weights", chat_lm, clip_dir, adapter=False)
+
+
+def stage2_args(data: Path, stage1: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--stage1-weights", str(stage1), "--train-data", str(data / "train.json"),
+        "--eval-data", str(data / "eval.json"), "--image-folder", str(data), "--output-dir", str(output),
+        "--batch-size", "4", "--global-batch-size", "8", "--lr", "1e-2", "--projector-lr", "1e-2",
+        "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--warmup-ratio", "0.05",
+        "--log-every", "5", "--eval-every", "20", "--save-every", "20", "--samples", "1", "--num-workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_multi_turn_labels_are_exactly_the_answers_and_their_end_tokens(instruct_data, bpe_tokenizer):
+    examples, malformed = load_examples(instruct_data / "train.json")
+    assert len(examples) == 24 and sum(malformed.values()) == 3
+    batch = Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, 512, instruct_data)(examples[:1])
+    labels = batch["labels"][0]
+    supervised = [token for token in labels if token != IGNORE_INDEX]
+    eos = bpe_tokenizer.eos_token_id
+    expected = bpe_tokenizer(" Red.", add_special_tokens=False)["input_ids"] + [eos]
+    expected += bpe_tokenizer(" On the left.", add_special_tokens=False)["input_ids"] + [eos]
+    assert supervised == expected
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def greedy_answers(generate, data: Path, count: int = 6) -> list[str]:
+    examples, _ = load_examples(data / "train.json")
+    answers = []
+    for example in examples[:count]:
+        question = example.conversation.turns[0].question
+        answers.append(generate(question, data / example.image))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def qlora_run(instruct_data, stage1_weights, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("stage2") / "run"
+    summary = stage2_instruct.main(stage2_args(instruct_data, stage1_weights, output, "--max-steps", "60"))
+    assert summary["steps"] == 60
+    return output
+
+
+def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruct_data, stage1_weights, qlora_run):
+    output = qlora_run
+    train = [float(row.split(",")[2]) for row in (output / "log.csv").read_text().splitlines()[1:] if row.split(",")[2]]
+    assert sum(train[-3:]) / 3 < 0.5 * sum(train[:3]) / 3, train
+    weights = output / "weights"
+    assert (weights / "adapter" / "adapter_config.json").is_file()
+
+    # The training model: 4-bit phi-2 + unmerged LoRA + projector, restored from the final checkpoint.
+    config = parse_config(stage2_instruct.Stage2Config, stage2_args(instruct_data, stage1_weights, output))
+    model, tokenizer, _ = stage2_instruct.build_model(config, resolve_precision("auto"), torch.device("cpu"))
+    assert model.language_model.base_model.model.model.layers[0].mlp.fc1.base_layer.weight.dtype == torch.uint8
+    trained = torch.load(output / "checkpoint" / "trainer.pt", weights_only=False)["trainable"]
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in trained.items():
+            parameters[name].copy_(tensor)
+    model.eval()
+    options = GenerationOptions(max_new_tokens=8)
+
+    def training_model(question, image_path):
+        prompt = render(TemplateName.PHI2_CHAT, Conversation((Turn(question),)), tokenizer, True)
+        image_embeds = model.encode_images(model.vision_tower.preprocess([make_image(image_path)]))
+        return tokenizer.decode(model.generate(prompt.input_ids, image_embeds, options), skip_special_tokens=True)
+
+    expected = greedy_answers(training_model, instruct_data)
+    assert greedy_answers(served_by(weights), instruct_data) == expected
+    assert {answer.strip() for answer in expected} <= {"Red.", "Green.", "Blue."}  # it learned to answer
+
+
+def served_by(weights: Path):
+    assistant = Assistant.from_weights(weights, whisper_model=None, dtype=torch.float32)
+
+    def answer(question, image_path):
+        return list(
+            assistant.chat([], make_image(image_path), text=question, options=GenerationOptions(max_new_tokens=8))
+        )[-1].answer
+
+    return answer
+
+
+def test_merged_folder_is_a_model_folder_and_serves_the_same_answers(instruct_data, qlora_run, tmp_path):
+    merged = merge_adapter.main(
+        ["--weights", str(qlora_run / "weights"), "--out", str(tmp_path / "merged"), "--dtype", "float32"]
+    )
+    assert isinstance(AutoModelForCausalLM.from_pretrained(merged), PhiForCausalLM)
+    manifest = Manifest.load(merged)
+    assert manifest.language_model == "." and not manifest.adapter and not (merged / "adapter").exists()
+    assert greedy_answers(served_by(merged), instruct_data) == greedy_answers(
+        served_by(qlora_run / "weights"), instruct_data
+    )
+
+
+def test_evaluation_reports_loss_and_answer_accuracy(instruct_data, qlora_run, tmp_path, capsys):
+    report = evaluate.main([
+        "--weights", str(qlora_run / "weights"), "--data", str(instruct_data / "eval.json"),
+        "--image-folder", str(instruct_data), "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "8",
+    ])  # fmt: skip
+    assert report["conversations"] == 4 and report["short_questions"] == 8
+    assert report["exact_match"] >= 0.75 and report["contains_match"] >= report["exact_match"]
+    assert report["loss"] < 0.5
+    assert json.loads((tmp_path / "eval.json").read_text())["answers"][0]["reference"] == "Red."
+    assert "| exact match |" in capsys.readouterr().out
+
+
+def test_normalisation_for_answer_matching():
+    assert evaluate.normalise("  The RED circle!! ") == "red circle"
+    assert evaluate.normalise("On the left.") == "on left"
+
+
+def test_instruction_data_is_validated_with_counts(instruct_data, tmp_path):
+    records = json.loads((instruct_data / "train.json").read_text())
+    bare = [dict(record, image=record["image"].removeprefix("images/")) for record in records[:5]]
+    bare[0] = dict(bare[0], image="missing.png")
+    source = tmp_path / "raw.json"
+    source.write_text(json.dumps(bare + MALFORMED))
+    report = prepare_instruct.main([
+        "--data", str(source), "--image-folder", str(instruct_data), "--image-prefix", "images",
+        "--out", str(tmp_path / "clean.json"), "--verify-images",
+    ])  # fmt: skip
+    assert report["kept"] == 4 and sum(report["skipped"].values()) == 4
+    assert report["skipped"]["image missing"] == 1
+    clean = json.loads((tmp_path / "clean.json").read_text())
+    assert [record["image"] for record in clean] == [f"images/{n}.png" for n in range(1, 5)]
+
+
+def make_image(path: Path):
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_weights, tmp_path, monkeypatch):
+    args = ["--max-steps", "6", "--save-every", "3", "--eval-every", "3"]
+    stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "whole", *args))
+    real_step, calls = Trainer.train_step, []
+
+    def crash_on_fifth_step(self, micro_batches):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_on_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args, "--resume"))
+    for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
+        whole = load_file(tmp_path / "whole" / "weights" / name)
+        resumed = load_file(tmp_path / "resumed" / "weights" / name)
+        assert whole.keys() == resumed.keys()
+        for key in whole:
+            torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)

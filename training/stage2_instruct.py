@@ -1,0 +1,179 @@
+"""Stage 2: QLoRA instruction tuning of phi-2 and the projector on LLaVA-style conversations.
+
+phi-2 in 4-bit NF4 with double quantisation (bitsandbytes), prepared for k-bit training, a LoRA on
+q_proj, k_proj, v_proj, dense, fc1 and fc2, and the stage-1 projector trained at its own learning
+rate. Every assistant turn is supervised with its `<|endoftext|>`, every user turn masked (the one
+template in inference/prompt.py). Defaults follow LLaVA-1.5's LoRA recipe (r 128, alpha 256, LoRA lr
+2e-4, projector lr 2e-5, global batch 128, warmup 3 %, cosine, 1 epoch);
+`training/configs/stage2_original.yaml` reproduces the original project's settings.
+
+One GPU:
+    python -m training.stage2_instruct --stage1-weights runs/stage1/weights \
+        --train-data data/llava/llava_instruct_150k.json --image-folder data/coco \
+        --feature-cache data/coco/features --output-dir runs/stage2
+Several GPUs (same flags):
+    accelerate launch --num_processes 4 -m training.stage2_instruct ...
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from inference.config import Manifest, TemplateName
+from inference.loading import resolve_model_reference, save_weights
+from inference.model import MultimodalPhi
+from inference.projector import PROJECTOR_FILE, load_projector
+from inference.vision import VisionTower
+from training.config import TrainConfig, option, parse_config
+from training.data import Collator, load_split
+from training.feature_cache import open_cache
+from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
+
+PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # attention and MLP linears
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    output_dir: str = option("runs/stage2", "checkpoints, logs, plots and the final weights folder go here")
+    stage1_weights: str = option("", "weights folder from stage 1: base models, feature layer and projector")
+    train_data: str = option("", "LLaVA-style conversations JSON (e.g. llava_instruct_150k.json)")
+    eval_data: str = option("", "held-out conversations in the same format; empty = no evaluation")
+    image_folder: str = option("", "folder the records' image paths are relative to")
+    feature_cache: str = option("", "feature cache folder from training.cache_features; empty = run the tower")
+    lr: float = option(2e-4, "peak learning rate of the LoRA weights")
+    projector_lr: float = option(2e-5, "peak learning rate of the projector")
+    global_batch_size: int = option(128, "samples per optimizer step, over all devices and accumulation")
+    batch_size: int = option(16, "samples per device per forward (micro-batch)")
+    lora_r: int = option(128, "LoRA rank")
+    lora_alpha: int = option(256, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_modules: list[str] = option(PHI_LORA_MODULES, "linear layers that get a LoRA")
+    quantize: bool = option(True, "load phi-2 in 4-bit NF4 with double quantisation (QLoRA); --no-quantize = LoRA")
+    gradient_checkpointing: bool = option(True, "recompute activations in the backward pass to save memory")
+    max_length: int = option(2048, "token limit per conversation (the image counts as one)")
+    name: str = option("stage2-qlora", "name recorded in the weights manifest")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("stage1_weights", "train_data"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name.replace('_', '-')} is required")
+        if not (self.image_folder or self.feature_cache):
+            raise ValueError("give --image-folder, --feature-cache, or both")
+        if self.lora_r <= 0 or self.projector_lr <= 0:
+            raise ValueError("lora_r and projector_lr must be positive")
+
+
+def load_language_model(reference: str, config: Stage2Config, precision: str, device: torch.device) -> PeftModel:
+    """phi-2 (4-bit NF4 unless --no-quantize), prepared for training, with a fresh LoRA."""
+    dtype = precision_dtype(precision)
+    checkpointing = {"use_reentrant": False}
+    if config.quantize:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            reference, quantization_config=quantization, dtype=dtype, device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+        if device.type == "cpu":
+            keep_training_layout(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def keep_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during evaluation.
+
+    On CPUs with AVX-512 BF16, bitsandbytes 0.50 repacks a Linear4bit's weight the first time it runs
+    in eval mode without gradients, and never packs it back: the next training step then fails in the
+    backward pass. Training runs evaluate between steps, so they keep the training layout throughout.
+    """
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def build_model(config: Stage2Config, precision: str, device: torch.device) -> tuple[MultimodalPhi, Any, Manifest]:
+    """The stage-1 weights folder's models, with phi-2 wrapped for (Q)LoRA and the projector made trainable."""
+    folder = Path(config.stage1_weights)
+    stage1 = Manifest.load(folder)
+    # References relative to the stage-1 folder are made absolute, as the new weights live elsewhere.
+    stage1 = replace(
+        stage1,
+        language_model=resolve_model_reference(folder, stage1.language_model),
+        vision_model=resolve_model_reference(folder, stage1.vision_model),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(stage1.language_model)
+    language_model = load_language_model(stage1.language_model, config, precision, device)
+    tower = VisionTower.from_pretrained(stage1.vision_model, stage1.vision_feature_layer)
+    projector = load_projector(stage1.projector, folder / PROJECTOR_FILE).requires_grad_(True)
+    return MultimodalPhi(tower, projector, language_model, tokenizer.eos_token_id), tokenizer, stage1
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    config = parse_config(Stage2Config, argv, __doc__)
+    accelerator = make_accelerator(config)
+    model, tokenizer, stage1 = build_model(config, resolve_precision(config.mixed_precision), accelerator.device)
+    cache = open_cache(config.feature_cache, stage1.vision_model, stage1.vision_feature_layer)
+    train = load_split(config.train_data, cache, "train")
+    evaluation = load_split(config.eval_data, cache, "eval") if config.eval_data else []
+    collator = Collator(
+        tokenizer,
+        TemplateName.PHI2_CHAT,
+        config.max_length,
+        config.image_folder or None,
+        cache,
+        model.vision_tower.image_size,
+    )
+    lora_parameters = [p for p in model.language_model.parameters() if p.requires_grad]
+    param_groups = [
+        {"params": lora_parameters, "lr": config.lr},
+        {"params": list(model.projector.parameters()), "lr": config.projector_lr},
+    ]
+
+    def save(model: MultimodalPhi, folder: Path, summary: dict[str, Any]) -> None:
+        manifest = Manifest(
+            name=config.name,
+            language_model=stage1.language_model,
+            vision_model=stage1.vision_model,
+            vision_feature_layer=stage1.vision_feature_layer,
+            image_tokens=stage1.image_tokens,
+            projector=stage1.projector,
+            template=TemplateName.PHI2_CHAT,
+            adapter=True,
+            training={"stage": "stage2_instruct", "command": " ".join(sys.argv), **summary},
+        )
+        save_weights(folder, manifest, model.projector, adapter_model=model.language_model)
+
+    stage = Stage(model, param_groups, collator, train, evaluation, save)
+    return Trainer(config, stage, accelerator).fit()
+
+
+if __name__ == "__main__":
+    main()
