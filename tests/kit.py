@@ -162,19 +162,26 @@ def pretrain_tiny_phi(source: Path, folder: Path, texts: list[str], steps: int =
     return folder
 
 
-def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
     """A 2-layer `CLIPVisionModel` with TinyCLIP's geometry: 224 px, 32 px patches → 49 patch tokens."""
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=224,
         patch_size=32,
-        projection_dim=16,
+        projection_dim=width,
     )
-    CLIPVisionModel(config).save_pretrained(folder)
+    model = CLIPVisionModel(config)
+    # CLIP's random init gives position embeddings 1/50 of the patch content's scale (std 0.02 against
+    # about 1), so a random tower barely knows where a patch is; a pretrained ViT does. At half the
+    # content's scale the stand-in's features carry position without drowning what the patch shows
+    # (at 1.0, shape answers fell to ~50 %; at 0.3, position answers to ~75 %).
+    with torch.no_grad():
+        model.embeddings.position_embedding.weight.normal_(std=0.5)
+    model.save_pretrained(folder)
     return folder
 
 
@@ -212,6 +219,7 @@ def build_weights_folder(
     projector_type: ProjectorType = ProjectorType.MLP2X_GELU,
     adapter: bool = True,
     seed: int = 0,
+    feature_layer: int = -2,
 ) -> Path:
     """A complete weights folder over the tiny base models: manifest, random projector, optional LoRA."""
     language_model = PhiForCausalLM.from_pretrained(phi_dir)
@@ -222,7 +230,7 @@ def build_weights_folder(
         name="tiny-test-weights",
         language_model=str(phi_dir),
         vision_model=str(clip_dir),
-        vision_feature_layer=-2,
+        vision_feature_layer=feature_layer,
         image_tokens=(vision.image_size // vision.patch_size) ** 2,
         projector=projector_config,
         template=TemplateName.PHI2_CHAT,

@@ -1,0 +1,121 @@
+"""A small synthetic image–text data set in the formats the real stages read (test support, not shipped).
+
+Images of one shape (circle, square, triangle) in one colour, size and position on a varied background.
+Stage 1 gets COCO-format caption files (read by training.prepare_coco); stage 2 gets LLaVA-style
+question–answer conversations with bare image names (read by training.prepare_instruct), as
+LLaVA-Instruct ships them. Train and held-out images never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220)}
+SIDES = ("left", "right")
+IMAGE_SIZE = 96
+QUESTIONS = {
+    "colour": ("What colour is the shape?", lambda s: f"{s.colour.capitalize()}."),
+    "shape": ("What shape is this?", lambda s: f"{s.shape.capitalize()}."),
+    "position": ("Is the shape on the left or the right?", lambda s: f"{s.side.capitalize()}."),
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    side: str
+
+    @property
+    def caption(self) -> str:
+        return f"A {self.colour} {self.shape} on the {self.side}."
+
+    @property
+    def description(self) -> str:
+        """The scene in words: what the stand-in language model learns to read from its context."""
+        return f"{self.colour} {self.shape} {self.side}."
+
+
+def draw(scene: Scene, rng: random.Random) -> Image.Image:
+    grey = rng.randint(150, 250)
+    background = tuple(min(255, grey + rng.randint(-15, 15)) for _ in range(3))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), background)
+    radius = rng.randint(14, 22)
+    centre_x = (
+        rng.randint(radius + 2, IMAGE_SIZE // 2 - 6)
+        if scene.side == "left"
+        else rng.randint(IMAGE_SIZE // 2 + 6, IMAGE_SIZE - radius - 2)
+    )
+    centre_y = rng.randint(radius + 2, IMAGE_SIZE - radius - 2)
+    box = (centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius)
+    pen = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        pen.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle(box, fill=fill)
+    else:
+        pen.polygon([(centre_x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image
+
+
+def scenes(count: int, rng: random.Random) -> list[Scene]:
+    """Every combination in turn (balanced classes), shuffled."""
+    combos = [Scene(shape, colour, side) for shape in SHAPES for colour in COLOURS for side in SIDES]
+    chosen = [combos[index % len(combos)] for index in range(count)]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def conversation(scene: Scene, image: str, record_id: str, rng: random.Random) -> dict:
+    kinds = list(QUESTIONS)
+    rng.shuffle(kinds)
+    messages = []
+    for index, kind in enumerate(kinds):
+        question, answer = QUESTIONS[kind]
+        messages.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+        messages.append({"from": "gpt", "value": answer(scene)})
+    return {"id": record_id, "image": image, "conversations": messages}
+
+
+def make_dataset(root: Path, seed: int, train_images: int = 360, held_out_images: int = 90) -> dict[str, list[Scene]]:
+    """Write images, COCO captions (train/val) and instruction conversations; returns the scenes per split."""
+    rng = random.Random(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    result = {}
+    for split, count, first_id in (("train", train_images, 1), ("val", held_out_images, 100_000)):
+        folder = root / f"{split}2017"
+        folder.mkdir(exist_ok=True)
+        split_scenes = scenes(count, rng)
+        images, captions, conversations = [], [], []
+        for number, scene in enumerate(split_scenes):
+            image_id, name = first_id + number, f"{first_id + number:012d}.png"
+            draw(scene, rng).save(folder / name)
+            images.append({"id": image_id, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE})
+            captions.append({"id": image_id, "image_id": image_id, "caption": scene.caption})
+            conversations.append(conversation(scene, name, str(image_id), rng))
+        coco = {"info": {}, "licenses": [], "images": images, "annotations": captions}
+        (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(coco))
+        (root / f"instruct_{split}.json").write_text(json.dumps(conversations))
+        result[split] = split_scenes
+    return result
+
+
+def language_texts(train: list[Scene]) -> list[str]:
+    """Text-only data to teach the stand-in language model to caption and answer from a description.
+
+    phi-2 arrives able to read its context; the tiny random model does not, so it first learns
+    "red circle left. A red circle on the left." and the same for answers. It never sees an image.
+    """
+    texts = set()
+    for scene in set(train):
+        texts.add(f"{scene.description} {scene.caption}")
+        for question, answer in QUESTIONS.values():
+            texts.add(f"{scene.description} USER: {question} ASSISTANT: {answer(scene)}")
+    return sorted(texts)
