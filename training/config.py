@@ -86,6 +86,24 @@ class TrainConfig:
         return path
 
 
+@dataclass
+class ImageTextConfig(TrainConfig):
+    """The data fields of the multimodal stages: LLaVA-style JSON files and where their images are."""
+
+    train_data: str = option("", "LLaVA-style JSON for training (captions for stage 1, conversations for stage 2)")
+    eval_data: str = option("", "held-out data in the same format; empty = no evaluation")
+    image_folder: str = option("", "folder the records' image paths are relative to")
+    feature_cache: str = option("", "feature cache folder from training.cache_features; empty = run the tower")
+    max_length: int = option(2048, "token limit per example (the image counts as one)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.train_data:
+            raise ValueError("--train-data is required")
+        if not (self.image_folder or self.feature_cache):
+            raise ValueError("give --image-folder, --feature-cache, or both")
+
+
 C = TypeVar("C", bound=TrainConfig)
 
 

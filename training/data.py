@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from inference.config import TemplateName
 from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, render
 from inference.vision import preprocess
+from training.config import ImageTextConfig
 from training.feature_cache import FeatureCache, FeatureCacheError
 
 
@@ -116,6 +117,20 @@ class Collator:
         with Image.open(self.image_folder / image) as opened:
             opened.load()
             return opened
+
+
+def stage_data(
+    config: ImageTextConfig,
+    template: TemplateName,
+    tokenizer: PreTrainedTokenizerBase,
+    cache: FeatureCache | None,
+    image_size: int,
+) -> tuple[list[Example], list[Example], Collator]:
+    """A stage's training and held-out examples and its collator, from the config's data fields."""
+    train = load_split(config.train_data, cache, "train")
+    held_out = load_split(config.eval_data, cache, "eval") if config.eval_data else []
+    collator = Collator(tokenizer, template, config.max_length, config.image_folder or None, cache, image_size)
+    return train, held_out, collator
 
 
 def token_count(batch: dict[str, Any], image_tokens: int) -> int:

@@ -27,32 +27,21 @@ from inference.loading import save_weights
 from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.vision import VisionTower
-from training.config import TrainConfig, option, parse_config
-from training.data import Collator, load_split
+from training.config import ImageTextConfig, option, parse_config
+from training.data import stage_data
 from training.feature_cache import open_cache
 from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
 
 
 @dataclass
-class Stage1Config(TrainConfig):
+class Stage1Config(ImageTextConfig):
     output_dir: str = option("runs/stage1", "checkpoints, logs, plots and the final weights folder go here")
-    train_data: str = option("", "LLaVA-style JSON of image captions (from training.prepare_coco)")
-    eval_data: str = option("", "held-out LLaVA-style JSON; empty = no evaluation")
-    image_folder: str = option("", "folder the records' image paths are relative to")
-    feature_cache: str = option("", "feature cache folder (training.cache_features); empty = run the tower")
     language_model: str = option(PHI2_ID, "Hub id or folder of the frozen language model")
     vision_model: str = option(TINYCLIP_ID, "Hub id or folder of the frozen CLIP vision model")
     vision_feature_layer: int = option(-2, "hidden state fed to the projector: -2 penultimate (LLaVA), -1 last")
     projector: Literal["mlp2x_gelu", "linear"] = option("mlp2x_gelu", "projector architecture")
-    max_length: int = option(128, "token limit per example (the image counts as one)")
+    max_length: int = option(128, "token limit per caption (the image counts as one)")
     name: str = option("stage1-projector", "name recorded in the weights manifest")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.train_data:
-            raise ValueError("--train-data is required")
-        if not (self.image_folder or self.feature_cache):
-            raise ValueError("give --image-folder, --feature-cache, or both")
 
 
 def build_model(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, ProjectorConfig]:
@@ -71,15 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = make_accelerator(config)
     model, tokenizer, projector_config = build_model(config, resolve_precision(config.mixed_precision))
     cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer)
-    train = load_split(config.train_data, cache, "train")
-    evaluation = load_split(config.eval_data, cache, "eval") if config.eval_data else []
-    collator = Collator(
-        tokenizer,
-        TemplateName.PLAIN,
-        config.max_length,
-        config.image_folder or None,
-        cache,
-        model.vision_tower.image_size,
+    train, evaluation, collator = stage_data(
+        config, TemplateName.PLAIN, tokenizer, cache, model.vision_tower.image_size
     )
 
     def save(model: MultimodalPhi, folder: Path, summary: dict[str, Any]) -> None:

@@ -32,8 +32,8 @@ from inference.loading import resolve_model_reference, save_weights
 from inference.model import MultimodalPhi
 from inference.projector import PROJECTOR_FILE, load_projector
 from inference.vision import VisionTower
-from training.config import TrainConfig, option, parse_config
-from training.data import Collator, load_split
+from training.config import ImageTextConfig, option, parse_config
+from training.data import stage_data
 from training.feature_cache import open_cache
 from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
 
@@ -41,13 +41,9 @@ PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # atte
 
 
 @dataclass
-class Stage2Config(TrainConfig):
+class Stage2Config(ImageTextConfig):
     output_dir: str = option("runs/stage2", "checkpoints, logs, plots and the final weights folder go here")
     stage1_weights: str = option("", "weights folder from stage 1: base models, feature layer and projector")
-    train_data: str = option("", "LLaVA-style conversations JSON (e.g. llava_instruct_150k.json)")
-    eval_data: str = option("", "held-out conversations in the same format; empty = no evaluation")
-    image_folder: str = option("", "folder the records' image paths are relative to")
-    feature_cache: str = option("", "feature cache folder from training.cache_features; empty = run the tower")
     lr: float = option(2e-4, "peak learning rate of the LoRA weights")
     projector_lr: float = option(2e-5, "peak learning rate of the projector")
     global_batch_size: int = option(128, "samples per optimizer step, over all devices and accumulation")
@@ -58,16 +54,12 @@ class Stage2Config(TrainConfig):
     lora_modules: list[str] = option(PHI_LORA_MODULES, "linear layers that get a LoRA")
     quantize: bool = option(True, "load phi-2 in 4-bit NF4 with double quantisation (QLoRA); --no-quantize = LoRA")
     gradient_checkpointing: bool = option(True, "recompute activations in the backward pass to save memory")
-    max_length: int = option(2048, "token limit per conversation (the image counts as one)")
     name: str = option("stage2-qlora", "name recorded in the weights manifest")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("stage1_weights", "train_data"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name.replace('_', '-')} is required")
-        if not (self.image_folder or self.feature_cache):
-            raise ValueError("give --image-folder, --feature-cache, or both")
+        if not self.stage1_weights:
+            raise ValueError("--stage1-weights is required")
         if self.lora_r <= 0 or self.projector_lr <= 0:
             raise ValueError("lora_r and projector_lr must be positive")
 
@@ -141,15 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = make_accelerator(config)
     model, tokenizer, stage1 = build_model(config, resolve_precision(config.mixed_precision), accelerator.device)
     cache = open_cache(config.feature_cache, stage1.vision_model, stage1.vision_feature_layer)
-    train = load_split(config.train_data, cache, "train")
-    evaluation = load_split(config.eval_data, cache, "eval") if config.eval_data else []
-    collator = Collator(
-        tokenizer,
-        TemplateName.PHI2_CHAT,
-        config.max_length,
-        config.image_folder or None,
-        cache,
-        model.vision_tower.image_size,
+    train, evaluation, collator = stage_data(
+        config, TemplateName.PHI2_CHAT, tokenizer, cache, model.vision_tower.image_size
     )
     lora_parameters = [p for p in model.language_model.parameters() if p.requires_grad]
     param_groups = [
