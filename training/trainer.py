@@ -178,11 +178,13 @@ class Trainer:
                     elapsed = time.time() - window_start
                     row = self.log_train(window_loss, window_samples / elapsed, window_tokens / elapsed)
                     progress.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}")
-                    window_loss, window_start, window_samples, window_tokens = [], time.time(), 0, 0
+                    window_loss, window_samples, window_tokens = [], 0, 0
                 if self.step % self.config.eval_every == 0 or self.step == self.total_steps:
                     self.evaluate()
                 if self.step % self.config.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
+                if not window_loss:  # a window just closed: evaluation and saving are not training time
+                    window_start = time.time()
         progress.close()
         return self.finish(time.time() - started)
 
