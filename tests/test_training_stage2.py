@@ -229,3 +229,14 @@ def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_we
         assert whole.keys() == resumed.keys()
         for key in whole:
             torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_lora_without_quantisation_trains_and_saves(instruct_data, stage1_weights, tmp_path):
+    output = tmp_path / "lora"
+    args = stage2_args(instruct_data, stage1_weights, output, "--max-steps", "6", "--no-quantize", "--log-every", "1")
+    summary = stage2_instruct.main(args)
+    assert summary["steps"] == 6 and (output / "weights" / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [
+        float(row.split(",")[2]) for row in (output / "log.csv").read_text().splitlines()[1:] if row.split(",")[2]
+    ]
+    assert len(losses) == 6 and losses[-1] < losses[0]

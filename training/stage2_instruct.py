@@ -88,7 +88,8 @@ def load_language_model(reference: str, config: Stage2Config, precision: str, de
     else:
         model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype).requires_grad_(False)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+            model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
