@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,5 +46,5 @@ def load_projector(config: ProjectorConfig, path: str | Path) -> nn.Module:
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the manifest's projector "
                 f"({config.in_features}→{config.out_features}) needs {tuple(expected[name].shape)}"
             )
-    projector.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()})
+    projector.load_state_dict(state)  # copied into the fp32 parameters, whatever dtype was stored
     return projector

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -24,6 +26,7 @@ from inference.config import Manifest, ProjectorConfig, ProjectorType, TemplateN
 from inference.loading import save_weights
 from inference.projector import build_projector
 from inference.prompt import PHI2_SYSTEM
+from training.trainer import Trainer
 
 EOS = "<|endoftext|>"
 GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's (and phi-2's) vocabulary
@@ -246,6 +249,24 @@ def make_shape_image(colour: str = "red", size: tuple[int, int] = (96, 64), mode
     image = Image.new("RGB", size, (128, 128, 128))
     ImageDraw.Draw(image).ellipse((size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4), fill=colour)
     return image.convert(mode)
+
+
+@contextmanager
+def killed_at_step(step: int) -> Iterator[None]:
+    """Make a training run die (KeyboardInterrupt) as optimizer step `step` (1-based) begins, like a kill."""
+    real_step, calls = Trainer.train_step, []
+
+    def crash(self, micro_batches):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        return real_step(self, micro_batches)
+
+    Trainer.train_step = crash
+    try:
+        yield
+    finally:
+        Trainer.train_step = real_step
 
 
 def speak(text: str, path: Path) -> Path:

@@ -14,11 +14,11 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
-from tests.kit import make_shape_image, pretrain_tiny_phi
+from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
 from training import cache_features, prepare_coco, stage1_align
 from training.data import Collator, load_examples
 from training.feature_cache import FeatureCache
-from training.trainer import Trainer, trainable_checksum
+from training.trainer import trainable_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -191,24 +191,14 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
     assert reply[-1].answer
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(features, coco, caption_lm, clip_dir, tmp_path, monkeypatch):
+def test_resumed_run_ends_where_an_uninterrupted_one_does(features, coco, caption_lm, clip_dir, tmp_path):
     args = ["--feature-cache", str(features), "--max-steps", "8", "--save-every", "4", "--eval-every", "4"]
     stage1_align.main(stage1_args(coco, caption_lm, clip_dir, tmp_path / "whole", *args))
 
-    real_step, calls = Trainer.train_step, []
-
-    def crash_on_sixth_step(self, micro_batches):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_on_sixth_step)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(6), pytest.raises(KeyboardInterrupt):
         stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args))
     assert torch.load(interrupted / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args, "--resume"))
 
     whole = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")

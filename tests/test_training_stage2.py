@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.prompt import IGNORE_INDEX, Conversation, Turn, render
-from tests.kit import build_weights_folder, make_shape_image, pretrain_tiny_phi
+from tests.kit import build_weights_folder, killed_at_step, make_shape_image, pretrain_tiny_phi
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
 from training.config import parse_config
 from training.data import Collator, load_examples
-from training.trainer import Trainer, resolve_precision
+from training.trainer import resolve_precision
 
 COLOURS = ["red", "green", "blue"]
 QUESTIONS = [("What colour is the shape?", "{colour}."), ("Is it on the left or the right?", "On the {side}.")]
@@ -201,27 +202,15 @@ def test_instruction_data_is_validated_with_counts(instruct_data, tmp_path):
     assert [record["image"] for record in clean] == [f"images/{n}.png" for n in range(1, 5)]
 
 
-def make_image(path: Path):
-    from PIL import Image
-
+def make_image(path: Path) -> Image.Image:
     return Image.open(path)
 
 
-def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_weights, tmp_path, monkeypatch):
+def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_weights, tmp_path):
     args = ["--max-steps", "6", "--save-every", "3", "--eval-every", "3"]
     stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "whole", *args))
-    real_step, calls = Trainer.train_step, []
-
-    def crash_on_fifth_step(self, micro_batches):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, micro_batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_on_fifth_step)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
         stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args))
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args, "--resume"))
     for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
         whole = load_file(tmp_path / "whole" / "weights" / name)

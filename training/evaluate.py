@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from inference.assistant import Assistant
 from inference.config import GenerationOptions, atomic_write_text
+from inference.prompt import IGNORE_INDEX
 from training.data import Collator, Example, load_examples
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -45,7 +46,7 @@ def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path,
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch"):
         batch = collator(examples[start : start + batch_size])
-        supervised = sum(label != -100 for row in batch["labels"] for label in row[1:])
+        supervised = sum(label != IGNORE_INDEX for row in batch["labels"] for label in row[1:])
         total += assistant.model(**batch).loss.item() * supervised
         tokens += supervised
     return total / max(tokens, 1)
