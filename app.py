@@ -1,89 +1,276 @@
 """Gradio Space: upload an image, ask about it by typing or speaking, and watch phi-2 answer.
 
-A first, minimal layout over one `Assistant`; the app issue grows it (settings, examples, stop/retry).
+    python app.py                      # serves weights/ (see README for training or importing weights)
+    python app.py --weights DIR        # another weights folder
+    python app.py --demo               # tiny random models built offline: try the UI anywhere
 
-    python app.py --weights weights/
+Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, DEMO=1,
+SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
+first access from those settings); the layout and events are all this file holds: the work is done
+by one `inference.Assistant`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
-from inference import Assistant, InputError
+from inference import Assistant, GenerationOptions, InputError
 from inference.config import ManifestError
+from inference.speech import DEFAULT_WHISPER
 
-Messages = list[dict[str, str]]
+EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
+EXAMPLES = [
+    [str(EXAMPLES_DIR / "grace_hopper.jpg"), "Describe this photo. What is the person wearing?"],
+    [str(EXAMPLES_DIR / "shapes.png"), "What colour is the circle, and where is it?"],
+]
+QUEUE_SIZE = 16  # waiting requests beyond this are turned away with a message
+MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio before they reach the model
+DEMO_BANNER = (
+    "**Demo mode:** these are tiny *random* models built on this machine, so the answers and transcripts "
+    "are meaningless. They show the interface working; start without `--demo` to serve trained weights."
+)
+DEFAULTS = GenerationOptions()
 
 
-def history_pairs(messages: Messages) -> list[tuple[str, str]]:
-    """Gradio's chat messages → (question, answer) pairs, skipping an unanswered last question."""
-    pairs = []
-    for question, answer in zip(messages[::2], messages[1::2], strict=False):
-        if question["role"] == "user" and answer["role"] == "assistant":
-            pairs.append((question["content"], answer["content"]))
-    return pairs
+@dataclass(frozen=True)
+class Exchange:
+    question: str
+    answer: str
+    image: str  # which image it was about: a hash of the file's bytes
+    spoken: bool = False  # the question came from the microphone or an audio file
 
 
-def respond(assistant: Assistant, image, text: str, audio: str | None, messages: Messages) -> Iterator[Messages]:
-    """Stream the answer into the chat; a question the user can fix becomes a readable error, not a trace."""
+def image_key(image: str | None) -> str:
+    """Identifies an uploaded image by content, so the same picture uploaded again continues the chat."""
+    if image is None or not Path(image).is_file():
+        return ""
+    with open(image, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def same_conversation(exchanges: list[Exchange], key: str) -> list[Exchange]:
+    """The exchanges about the image `key`: a new image starts a new conversation, whatever the events' order."""
+    return exchanges if exchanges and exchanges[-1].image == key else []
+
+
+def to_messages(exchanges: list[Exchange]) -> list[dict[str, str]]:
+    """The conversation as Gradio chat messages; a spoken question shows what whisper heard."""
+    messages = []
+    for exchange in exchanges:
+        question = f"🎤 {exchange.question}" if exchange.spoken else exchange.question
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": exchange.answer}]
+    return messages
+
+
+def respond(
+    assistant: Assistant,
+    image: str | None,
+    text: str | None,
+    audio: str | None,
+    exchanges: list[Exchange],
+    options: GenerationOptions | None = None,
+) -> Iterator[tuple[list[dict[str, str]], list[Exchange]]]:
+    """Stream (chat messages, conversation) as the answer grows; a user's mistake becomes a readable error."""
+    key = image_key(image)
+    exchanges = same_conversation(exchanges, key)
+    history = [(exchange.question, exchange.answer) for exchange in exchanges]
     try:
-        for reply in assistant.chat(history_pairs(messages), image, text=text, audio=audio):
+        for reply in assistant.chat(history, image, text=text, audio=audio, options=options):
             if reply.notice and not reply.answer:
-                gr.Info(reply.notice)
-            yield [
-                *messages,
-                {"role": "user", "content": reply.question},
-                {"role": "assistant", "content": reply.answer},
-            ]
+                gr.Warning(reply.notice)
+            spoken = reply.transcript is not None
+            current = [*exchanges, Exchange(reply.question, reply.answer, key, spoken)]
+            yield to_messages(current), current
     except InputError as error:
-        raise gr.Error(str(error)) from None
+        raise gr.Error(str(error), print_exception=False) from None
 
 
-def build_demo(assistant: Assistant) -> gr.Blocks:
+def generation_options(max_new_tokens: float, temperature: float, top_p: float) -> GenerationOptions:
+    try:
+        return GenerationOptions(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=top_p)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"Invalid setting: {error}", print_exception=False) from None
+
+
+def hand_over_unopened(image: gr.Image) -> gr.Image:
+    """Make `image` pass an upload's path on unopened, so the assistant reads it.
+
+    Gradio's own preprocessing opens the file with PIL, and an unreadable or oversized upload would end
+    in a bare "Error"; `inference.vision.load_image` refuses it with a message the user can act on.
+    Gradio has already checked that the path is an upload of this app's. (An override on the instance,
+    not a subclass: Gradio writes a `.pyi` file beside the source of every component subclass.)
+    """
+    decode = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or (payload.url or "").startswith("data:"):
+            return decode(payload)  # pasted or webcam data: Gradio writes it to a file
+        return payload.path
+
+    image.preprocess = preprocess
+    return image
+
+
+def header(assistant: Assistant, demo_mode: bool) -> str:
     manifest = assistant.manifest
+    lines = [
+        "## Ask about an image",
+        f"Upload an image, then type or record a question. Weights **{manifest.name}**: "
+        f"`{manifest.vision_model}` → {manifest.projector.type.value} projector → `{manifest.language_model}`"
+        + (" + LoRA (merged)" if manifest.adapter else ""),
+    ]
+    if demo_mode:
+        lines.append(f"> {DEMO_BANNER}")
+    return "\n\n".join(lines)
+
+
+def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
     with gr.Blocks(title="Ask about an image") as demo:
-        gr.Markdown(
-            f"## Ask about an image\nWeights **{manifest.name}**: {manifest.vision_model} → "
-            f"{manifest.projector.type.value} projector → {manifest.language_model}"
-            + (" + LoRA" if manifest.adapter else "")
+        gr.Markdown(header(assistant, demo_mode), elem_id="header")
+        exchanges = gr.State([])
+        text = gr.Textbox(  # rendered in the chat column; made first so the examples can fill it in
+            placeholder="Ask about the image and press Enter", label="Question", elem_id="question", render=False
         )
         with gr.Row():
-            image = gr.Image(type="pil", sources=["upload", "clipboard", "webcam"], label="Image")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="Conversation", height=420)
-                text = gr.Textbox(placeholder="Ask about the image and press Enter", label="Question")
-                audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="…or ask aloud")
-                ask = gr.Button("Ask", variant="primary")
+                image = hand_over_unopened(
+                    gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image", elem_id="image")
+                )
+                gr.Examples(EXAMPLES, inputs=[image, text], label="Examples (click one)", elem_id="examples")
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", height=440, elem_id="chat")
+                text.render()
+                audio = gr.Audio(
+                    sources=["microphone", "upload"],
+                    type="filepath",
+                    format=None,  # no conversion by Gradio: ffmpeg reads it, and refusals are readable
+                    label="…or ask aloud (record, or upload an audio file)",
+                    elem_id="audio",
+                )
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    retry = gr.Button("Retry last answer", elem_id="retry")
+                    clear = gr.Button("Clear", elem_id="clear")
+                with gr.Accordion("Settings", open=False):
+                    max_new_tokens = gr.Slider(8, 1024, DEFAULTS.max_new_tokens, step=8, label="Max new tokens")
+                    temperature = gr.Slider(
+                        0.0, 1.5, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy, repeatable)"
+                    )
+                    top_p = gr.Slider(0.05, 1.0, DEFAULTS.top_p, step=0.05, label="Top-p (when sampling)")
+        settings = [max_new_tokens, temperature, top_p]
 
-        def answer(image, text, audio, messages):
-            yield from respond(assistant, image, text, audio, messages)
+        def answer(image, text, audio, exchanges, *settings):
+            yield from respond(assistant, image, text, audio, exchanges, generation_options(*settings))
 
-        for trigger in (ask.click, text.submit):
-            # The question is cleared only once it was answered: after an error it stays to be fixed.
-            trigger(answer, [image, text, audio, chatbot], chatbot, concurrency_limit=1).success(
-                lambda: ("", None), None, [text, audio]
+        def answer_again(image, exchanges, *settings):
+            exchanges = same_conversation(exchanges, image_key(image))
+            if not exchanges:
+                raise gr.Error("There is no answer to retry yet.", print_exception=False)
+            last = exchanges[-1]
+            options = generation_options(*settings)
+            yield from respond(assistant, image, last.question, None, exchanges[:-1], options)
+
+        # One generation at a time per CPU, whichever button started it; the queue shows the rest their place.
+        running = dict(concurrency_limit=1, concurrency_id="generate", show_progress="minimal")
+        private = dict(api_visibility="private", queue=False)
+        asked = gr.on(
+            [ask.click, text.submit],
+            answer,
+            [image, text, audio, exchanges, *settings],
+            [chatbot, exchanges],
+            api_name="ask",
+            **running,
+        )
+        asked.success(lambda: ("", None), None, [text, audio], **private)  # after an error the question stays
+        retried = retry.click(
+            answer_again, [image, exchanges, *settings], [chatbot, exchanges], api_name="retry", **running
+        )
+        generating = [asked, retried]
+        stop.click(None, None, None, cancels=generating)
+        clear.click(
+            lambda: ([], [], "", None), None, [chatbot, exchanges, text, audio], cancels=generating, api_name="clear"
+        )
+        # A new image starts a new conversation: shown at once here, and enforced by `respond` even when
+        # this event arrives after a question asked during the upload.
+        image.change(lambda: ([], []), None, [chatbot, exchanges], **private)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=env("WEIGHTS", "weights"), help="weights folder (env WEIGHTS)")
+    parser.add_argument(
+        "--whisper", default=env("WHISPER", DEFAULT_WHISPER), help="whisper size or .pt path (env WHISPER)"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        default=env("DEMO", "") not in ("", "0"),
+        help="serve tiny random models built offline; answers are meaningless (env DEMO=1)",
+    )
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
+    parser.add_argument(
+        "--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT"
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        default=env("SHARE", "") not in ("", "0"),
+        help="create a public gradio.live link (off by default; env SHARE=1)",
+    )
+    return parser.parse_args(argv)
+
+
+def load_assistant(args: argparse.Namespace) -> Assistant:
+    """The assistant the arguments ask for; exits with what to do when there are no usable weights."""
+    started = time.perf_counter()
+    if args.demo:
+        from inference.tiny import build_demo_weights
+
+        weights, whisper = build_demo_weights(Path(tempfile.mkdtemp(prefix="vqa-demo-")))
+        assistant = Assistant.from_weights(weights, whisper_model=str(whisper))
+    else:
+        try:
+            assistant = Assistant.from_weights(args.weights, whisper_model=args.whisper)
+        except ManifestError as error:
+            sys.exit(
+                f"Cannot start: {error}.\nTrain weights (README, training/), pass --weights FOLDER, "
+                "or run with --demo to try the interface on tiny random models."
             )
-        image.change(lambda: [], None, chatbot)  # a new image starts a new conversation
+    print(f"Loaded {assistant.manifest.name} in {time.perf_counter() - started:.1f} s", flush=True)
+    return assistant
+
+
+def build_app(args: argparse.Namespace) -> gr.Blocks:
+    demo = build_demo(load_assistant(args), demo_mode=args.demo)
+    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+
+
+def __getattr__(name: str) -> gr.Blocks:
+    """`from app import demo` (or `gradio app.py`) builds the app from the environment on first access."""
+    if name != "demo":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["demo"] = demo = build_app(parse_args([]))
     return demo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=os.environ.get("WEIGHTS", "weights"), help="weights folder")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
-    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    args = parser.parse_args(argv)
-    try:
-        assistant = Assistant.from_weights(args.weights)
-    except ManifestError as error:
-        sys.exit(f"Cannot start: {error}.\nTrain weights (see README, training/) or pass --weights FOLDER.")
-    build_demo(assistant).queue(max_size=16).launch(server_name=args.host, server_port=args.port, share=args.share)
+    args = parse_args(argv)
+    build_app(args).launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, show_error=False
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from inference.loading import DEFAULT_CPU_DTYPE, load_weights
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn, render
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
-from inference.vision import ImageError, to_rgb
+from inference.vision import ImageError, load_image, to_rgb
 
 MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
 IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
@@ -69,12 +69,12 @@ class Assistant:
     def chat(
         self,
         history: Sequence[tuple[str, str]],
-        image: Image.Image | None,
+        image: Image.Image | str | Path | None,
         text: str | None = None,
         audio: AudioInput | None = None,
         options: GenerationOptions | None = None,
     ) -> Iterator[Reply]:
-        """Answer a question about `image`, given earlier (question, answer) pairs about the same image.
+        """Answer a question about `image` (PIL image or file path), given earlier (question, answer) pairs.
 
         Yields a `Reply` whose `answer` grows as tokens arrive. Raises `InputError` for anything the user
         can fix (no image, no question, unreadable audio or image, too long a question).
@@ -101,10 +101,10 @@ class Assistant:
         for answer in self.model.stream(self.tokenizer, input_ids, image_embeds, options):
             yield Reply(question, answer, heard, notice)
 
-    def image_embeds(self, image: Image.Image) -> torch.Tensor:
+    def image_embeds(self, image: Image.Image | str | Path) -> torch.Tensor:
         """Projected embeddings (1, patches, width) of an image, computed once per distinct image."""
         try:
-            image = to_rgb(image)
+            image = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
         except ImageError as error:
             raise InputError(f"The image could not be used: {error}.") from error
         key = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest() + str(image.size)

@@ -6,7 +6,9 @@ with PIL and NumPy so it behaves the same in training and serving.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +24,39 @@ BACKGROUND = (255, 255, 255)
 # Larger images are first shrunk cheaply (box filter) to this many times the model's size, then
 # resized properly: the result is the same to the eye and a 50-megapixel photo costs milliseconds.
 COARSE_SHRINK_FACTOR = 4
+# Files with more pixels are refused before decoding: a 64-megapixel RGB image already takes 192 MB,
+# and a small file can declare billions of pixels (a "decompression bomb").
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageError(ValueError):
     """An image that cannot be turned into model input."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and decode an image file, refusing non-images and oversized images with a readable reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image file {path.name!r} not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path.name!r} has too many pixels (the limit is {MAX_IMAGE_PIXELS // 10**6} MP)") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        raise ImageError(f"{path.name!r} is not an image file this app can read (try JPEG, PNG or WebP)") from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        megapixels = image.width * image.height / 1e6
+        raise ImageError(
+            f"{path.name!r} is {image.width}×{image.height} ({megapixels:.0f} MP); "
+            f"the limit is {MAX_IMAGE_PIXELS // 10**6} MP, so shrink it first"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{path.name!r} could not be decoded ({error})") from None
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference import tiny
 from inference.assistant import Assistant
 from inference.loading import load_weights
 from inference.speech import Transcriber
@@ -34,34 +35,34 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    return kit.build_gpt2_tokenizer()
+    return tiny.build_gpt2_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def phi_dir(artifacts, bpe_tokenizer) -> Path:
-    return kit.build_tiny_phi(artifacts / "tiny-phi", bpe_tokenizer)
+    return tiny.build_tiny_phi(artifacts / "tiny-phi", bpe_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def gpt2_phi_dir(artifacts, gpt2_tokenizer) -> Path:
     """A tiny Phi over GPT-2's genuine vocabulary, for tests where real token ids matter."""
-    return kit.build_tiny_phi(artifacts / "tiny-phi-gpt2", gpt2_tokenizer)
+    return tiny.build_tiny_phi(artifacts / "tiny-phi-gpt2", gpt2_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def clip_dir(artifacts) -> Path:
-    return kit.build_tiny_clip(artifacts / "tiny-clip")
+    return tiny.build_tiny_clip(artifacts / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def whisper_path(artifacts) -> Path:
-    return kit.build_tiny_whisper(artifacts / "tiny-whisper.pt")
+    return tiny.build_tiny_whisper(artifacts / "tiny-whisper.pt")
 
 
 @pytest.fixture(scope="session")
 def weights_dir(artifacts, phi_dir, clip_dir) -> Path:
     """A complete weights folder: manifest, mlp2x_gelu projector and a random LoRA adapter."""
-    return kit.build_weights_folder(artifacts / "weights", phi_dir, clip_dir)
+    return tiny.build_weights_folder(artifacts / "weights", phi_dir, clip_dir)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from inference import tiny
 from inference.config import ProjectorType
 from tests import kit
 from tests.synthetic_shapes import QUESTIONS, language_texts, make_dataset
@@ -54,11 +55,11 @@ def run(
     data = out / "data"
     split_scenes = make_dataset(data, seed, train_images)
     tokenizer = kit.build_bpe_tokenizer()
-    random_lm = kit.build_tiny_phi(out / "models" / "phi-random", tokenizer, seed)
+    random_lm = tiny.build_tiny_phi(out / "models" / "phi-random", tokenizer, seed)
     language_model = kit.pretrain_tiny_phi(
         random_lm, out / "models" / "phi", language_texts(split_scenes["train"]), steps=400, seed=seed
     )
-    vision_model = kit.build_tiny_clip(out / "models" / "clip", seed, clip_width)
+    vision_model = tiny.build_tiny_clip(out / "models" / "clip", seed, clip_width)
 
     prepare_coco.main(["--coco-dir", str(data), "--out", str(data / "llava")])
     for split in ("train", "val"):
@@ -73,7 +74,7 @@ def run(
     ])  # fmt: skip
 
     # Before training: the same language model with a fresh projector and no adapter.
-    untrained = kit.build_weights_folder(
+    untrained = tiny.build_weights_folder(
         out / "untrained",
         language_model,
         vision_model,

@@ -10,7 +10,7 @@ from transformers import PhiForCausalLM
 from inference.config import Manifest, ManifestError, ProjectorConfig, ProjectorType
 from inference.loading import load_weights, save_weights
 from inference.projector import build_projector, load_projector, save_projector
-from tests.kit import build_weights_folder, random_lora
+from inference.tiny import build_weights_folder, random_lora
 
 
 def test_weights_folder_round_trips_exactly(tmp_path, phi_dir, clip_dir):

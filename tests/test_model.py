@@ -9,7 +9,8 @@ from transformers import PhiForCausalLM
 from inference.config import GenerationOptions, TemplateName
 from inference.model import MultimodalPhi
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
-from tests.kit import make_shape_image, random_lora
+from inference.tiny import random_lora
+from tests.kit import make_shape_image
 
 
 @pytest.fixture

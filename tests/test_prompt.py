@@ -9,7 +9,7 @@ from inference.prompt import (
     Turn,
     render,
 )
-from tests.kit import GPT2_EOS_ID
+from inference.tiny import GPT2_EOS_ID
 
 TWO_TURNS = Conversation((Turn("What colour is the shape?", "Red."), Turn("Where is it?", "On the left.")))
 

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.prompt import IGNORE_INDEX, Conversation, Turn, render
-from tests.kit import build_weights_folder, killed_at_step, make_shape_image, pretrain_tiny_phi
+from inference.tiny import build_weights_folder
+from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
 from training.config import parse_config
 from training.data import Collator, load_examples

@@ -112,3 +112,26 @@ def test_vision_tower_returns_patch_features_of_the_chosen_layer(clip_dir):
     assert not tower.train().model.training  # the frozen tower never switches to training mode
     with pytest.raises(ValueError, match="outside"):
         VisionTower.from_pretrained(str(clip_dir), feature_layer=7)
+
+
+def test_load_image_refuses_what_it_cannot_use_with_readable_reasons(tmp_path):
+    from inference.vision import MAX_IMAGE_PIXELS, load_image
+
+    make_shape_image("red").save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").size == (96, 64)
+    (tmp_path / "notes.png").write_text("plain text")
+    with pytest.raises(ImageError, match="not an image file"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    side = int(MAX_IMAGE_PIXELS**0.5) + 1
+    Image.new("1", (side, side)).save(tmp_path / "huge.png")
+    with pytest.raises(ImageError, match="limit is 64 MP"):
+        load_image(tmp_path / "huge.png")
+    Image.new("1", (4 * side, 4 * side)).save(tmp_path / "bomb.png")  # past PIL's own bomb check
+    with pytest.raises(ImageError, match="too many pixels"):
+        load_image(tmp_path / "bomb.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="could not be decoded"):
+        load_image(tmp_path / "cut.png")

@@ -1,0 +1,201 @@
+"""Tiny, randomly initialised models of the real architectures, built offline in seconds.
+
+They stand in for Hub repos: each builder writes a folder (or a whisper `.pt`) that the production
+loading code reads by path. `python app.py --demo` serves them so the UI can be tried on any machine
+without downloads (its answers are meaningless); the tests build their fixtures with them.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+
+import torch
+import whisper
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+from inference.config import Manifest, ProjectorConfig, ProjectorType, TemplateName
+from inference.loading import save_weights
+from inference.projector import build_projector
+
+EOS = "<|endoftext|>"
+GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's (and phi-2's) vocabulary
+PHI_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # the original project's LoRA modules
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, characters), strict=True))
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
+@cache
+def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    path = Path(whisper.__file__).parent / "assets" / "gpt2.tiktoken"
+    ranks = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    to_text = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_text[byte] for byte in token)
+
+    # Each multi-byte token is the merge of the two parts that BPE, limited to lower ranks, leaves.
+    # The file lists tokens by rank, so the merges come out in priority order.
+    merges = [tuple(map(text, _bpe_split(ranks, token, rank))) for token, rank in ranks.items() if len(token) > 1]
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOS] = GPT2_EOS_ID
+    return vocab, merges
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    parts = [bytes([byte]) for byte in token]
+    while True:
+        best = None
+        for index in range(len(parts) - 1):
+            rank = ranks.get(parts[index] + parts[index + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[1]):
+                best = (index, rank)
+        if best is None:
+            return parts
+        index = best[0]
+        parts[index : index + 2] = [parts[index] + parts[index + 1]]
+
+
+def build_gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's genuine BPE (phi-2's base vocabulary), rebuilt from the ranks openai-whisper ships."""
+    vocab, merges = _gpt2_vocab_and_merges()
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS])
+    return wrap_tokenizer(tokenizer)
+
+
+def build_tiny_phi(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """A 2-layer `PhiForCausalLM` with phi-2's structure (partial rotary, biases), saved with its tokenizer."""
+    torch.manual_seed(seed)
+    config = PhiConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as phi-2's 51200 is
+        hidden_size=64,  # bitsandbytes' CPU 4-bit kernels need layers at least one 64-wide block wide
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=2048,  # phi-2's context, so prompts fit as they would in production
+        partial_rotary_factor=0.5,  # phi-1.5's value; phi-2's 0.4 would give an odd rotary size here
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = PhiForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
+    """A 2-layer `CLIPVisionModel` with TinyCLIP's geometry: 224 px, 32 px patches → 49 patch tokens."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=224,
+        patch_size=32,
+        projection_dim=width,
+    )
+    model = CLIPVisionModel(config)
+    # CLIP's random init gives position embeddings 1/50 of the patch content's scale (std 0.02 against
+    # about 1), so a random tower barely knows where a patch is; a pretrained ViT does. At half the
+    # content's scale the stand-in's features carry position without drowning what the patch shows
+    # (at 1.0, shape answers fell to ~50 %; at 0.3, position answers to ~75 %).
+    with torch.no_grad():
+        model.embeddings.position_embedding.weight.normal_(std=0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_whisper(path: Path, seed: int = 0) -> Path:
+    """A whisper checkpoint of tiny dimensions, in the `.pt` format `whisper.load_model(path)` reads."""
+    torch.manual_seed(seed)
+    dims = whisper.model.ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,  # 30 s of audio after the encoder's stride-2 convolution
+        n_audio_state=16,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=51864,  # the English-only vocabulary, so whisper picks its English tokenizer
+        n_text_ctx=448,
+        n_text_state=16,
+        n_text_head=2,
+        n_text_layer=1,
+    )
+    model = whisper.model.Whisper(dims)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+def random_lora(language_model: PhiForCausalLM, seed: int = 0, rank: int = 4):
+    """A peft LoRA on the original project's modules, with random (not zero) B so merging changes outputs."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=8, target_modules=PHI_LORA_TARGETS, init_lora_weights=False)
+    return get_peft_model(language_model, config)
+
+
+def build_weights_folder(
+    folder: Path,
+    phi_dir: Path,
+    clip_dir: Path,
+    projector_type: ProjectorType = ProjectorType.MLP2X_GELU,
+    adapter: bool = True,
+    seed: int = 0,
+    feature_layer: int = -2,
+    name: str = "tiny-test-weights",
+) -> Path:
+    """A complete weights folder over tiny base models: manifest, random projector, optional random LoRA."""
+    language_model = PhiForCausalLM.from_pretrained(phi_dir)
+    vision = CLIPVisionConfig.from_pretrained(clip_dir)
+    projector_config = ProjectorConfig(projector_type, vision.hidden_size, language_model.config.hidden_size)
+    torch.manual_seed(seed)
+    manifest = Manifest(
+        name=name,
+        language_model=str(phi_dir),
+        vision_model=str(clip_dir),
+        vision_feature_layer=feature_layer,
+        image_tokens=(vision.image_size // vision.patch_size) ** 2,
+        projector=projector_config,
+        template=TemplateName.PHI2_CHAT,
+        adapter=adapter,
+        training={"stage": "test kit", "note": "random weights"},
+    )
+    lora = random_lora(language_model, seed) if adapter else None
+    return save_weights(folder, manifest, build_projector(projector_config), lora)
+
+
+def build_demo_weights(folder: Path) -> tuple[Path, Path]:
+    """Everything `app.py --demo` serves, under `folder`: (weights folder, whisper `.pt`). No downloads.
+
+    The language model speaks GPT-2's real vocabulary (phi-2's), so its random answers are real words.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    phi_dir = build_tiny_phi(folder / "tiny-phi", build_gpt2_tokenizer())
+    clip_dir = build_tiny_clip(folder / "tiny-clip")
+    weights = build_weights_folder(folder / "weights", phi_dir, clip_dir, name="demo (tiny random models)")
+    return weights, build_tiny_whisper(folder / "tiny-whisper.pt")
