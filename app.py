@@ -1,7 +1,7 @@
 """Gradio Space: upload an image, ask about it by typing or speaking, and watch phi-2 answer.
 
-    python app.py                      # serves weights/ (see README for training or importing weights)
-    python app.py --weights DIR        # another weights folder
+    python app.py                      # weights/ if trained, else the original project's checkpoint
+    python app.py --weights DIR_OR_ID  # a weights folder, or a Hub repo id (OWNER/NAME[@REVISION])
     python app.py --demo               # tiny random models built offline: try the UI anywhere
 
 Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, DEMO=1,
@@ -26,8 +26,10 @@ import gradio as gr
 
 from inference import Assistant, GenerationOptions, InputError
 from inference.config import ManifestError
+from inference.original import original_weights
 from inference.speech import DEFAULT_WHISPER
 
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
 EXAMPLES = [
     [str(EXAMPLES_DIR / "grace_hopper.jpg"), "Describe this photo. What is the person wearing?"],
@@ -210,7 +212,12 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=env("WEIGHTS", "weights"), help="weights folder (env WEIGHTS)")
+    parser.add_argument(
+        "--weights",
+        default=env("WEIGHTS"),
+        help="weights folder or Hub repo id (env WEIGHTS); default: weights/ when it holds a manifest, "
+        "else the original project's checkpoint, downloaded and converted once",
+    )
     parser.add_argument(
         "--whisper", default=env("WHISPER", DEFAULT_WHISPER), help="whisper size or .pt path (env WHISPER)"
     )
@@ -233,6 +240,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def choose_weights(reference: str | None) -> str | Path:
+    """What to serve: the given folder or Hub id; else weights/ once trained; else the original checkpoint."""
+    if reference:
+        return reference
+    if (DEFAULT_WEIGHTS / "manifest.json").is_file():
+        return DEFAULT_WEIGHTS
+    print("weights/ holds no trained weights: serving the original project's checkpoint", flush=True)
+    return original_weights()
+
+
 def load_assistant(args: argparse.Namespace) -> Assistant:
     """The assistant the arguments ask for; exits with what to do when there are no usable weights."""
     started = time.perf_counter()
@@ -243,11 +260,11 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
         assistant = Assistant.from_weights(weights, whisper_model=str(whisper))
     else:
         try:
-            assistant = Assistant.from_weights(args.weights, whisper_model=args.whisper)
+            assistant = Assistant.from_weights(choose_weights(args.weights), whisper_model=args.whisper)
         except ManifestError as error:
             sys.exit(
-                f"Cannot start: {error}.\nTrain weights (README, training/), pass --weights FOLDER, "
-                "or run with --demo to try the interface on tiny random models."
+                f"Cannot start: {error}.\nTrain weights (README, training/) into weights/, pass --weights with a "
+                "folder or Hub repo id, or run with --demo to try the interface on tiny random models."
             )
     print(f"Loaded {assistant.manifest.name} in {time.perf_counter() - started:.1f} s", flush=True)
     return assistant

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from inference.config import GenerationOptions, Manifest, TemplateName
+from inference.config import GenerationOptions, Manifest
 from inference.loading import DEFAULT_CPU_DTYPE, load_weights
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn, render
@@ -132,8 +132,8 @@ class Assistant:
         self, history: Sequence[tuple[str, str]], question: str, options: GenerationOptions
     ) -> tuple[list[int], int]:
         """Prompt ids for the newest question, dropping the oldest exchanges until the answer fits."""
-        if self.manifest.template is TemplateName.PLAIN:
-            history = []  # caption-only weights (stage 1) answer every question afresh
+        if not self.manifest.template.multi_turn:
+            history = []  # caption-only (stage 1) and the original project's weights answer every question afresh
         budget = self.max_positions - options.max_new_tokens - self.manifest.image_tokens + 1  # +1: placeholder
         for dropped in range(len(history) + 1):
             turns = [Turn(q, a) for q, a in history[dropped:]] + [Turn(question)]

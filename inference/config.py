@@ -37,6 +37,12 @@ class ProjectorType(StrEnum):
 class TemplateName(StrEnum):
     PHI2_CHAT = "phi2_chat"  # system line + USER/ASSISTANT turns: instruction tuning and serving
     PLAIN = "plain"  # image then caption: stage-1 alignment
+    ORIGINAL = "original"  # the original project's input: image, the token "comment", the question; no history
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether earlier exchanges are part of the prompt (the others answer every question afresh)."""
+        return self is TemplateName.PHI2_CHAT
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from inference.config import Manifest, ManifestError
+from inference.hub import resolve_weights
 from inference.model import MultimodalPhi
 from inference.projector import PROJECTOR_FILE, load_projector, save_projector
 from inference.vision import VisionTower
@@ -36,10 +37,11 @@ class LoadedWeights:
 
 
 def load_weights(folder: str | Path, dtype: torch.dtype = DEFAULT_CPU_DTYPE, device: str = "cpu") -> LoadedWeights:
-    """Build the model a weights folder describes, with its LoRA merged, ready for inference."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ManifestError(f"weights folder {folder} does not exist")
+    """Build the model a weights folder describes, with its LoRA merged, ready for inference.
+
+    `folder` is a local folder or a Hub repo id (`OWNER/NAME[@REVISION]`), downloaded once into the Hub cache.
+    """
+    folder = resolve_weights(folder)
     manifest = Manifest.load(folder)
     adapter = folder / ADAPTER_DIR
     if manifest.adapter and not adapter.is_dir():
@@ -84,17 +86,25 @@ def save_weights(
     manifest: Manifest,
     projector: torch.nn.Module,
     adapter_model: PeftModel | None = None,
+    adapter_files: Path | None = None,
 ) -> Path:
-    """Write a complete weights folder, atomically: readers see the old folder or the new, never a mix."""
+    """Write a complete weights folder, atomically: readers see the old folder or the new, never a mix.
+
+    The adapter comes from a peft model (`adapter_model`) or an already saved peft folder (`adapter_files`).
+    """
     folder = Path(folder)
-    if manifest.adapter != (adapter_model is not None):
-        raise ValueError("manifest.adapter must be true exactly when an adapter model is given")
+    if adapter_model is not None and adapter_files is not None:
+        raise ValueError("give adapter_model or adapter_files, not both")
+    if manifest.adapter != (adapter_model is not None or adapter_files is not None):
+        raise ValueError("manifest.adapter must be true exactly when an adapter is given")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.staging."))
     try:
         save_projector(projector, staging / PROJECTOR_FILE)
         if adapter_model is not None:
             adapter_model.save_pretrained(str(staging / ADAPTER_DIR))
+        if adapter_files is not None:
+            shutil.copytree(adapter_files, staging / ADAPTER_DIR)
         manifest.save(staging)
         _replace_folder(staging, folder)
     except BaseException:

@@ -79,9 +79,18 @@ class Rendered:
     labels: list[int]  # same length; IGNORE_INDEX wherever the model is not supervised
 
 
-# A template turns a conversation into segments: text (supervised or not), the image, or end-of-text.
+# A template turns a conversation into segments: text (supervised or not), the image, end-of-text, or
+# given token ids.
 _IMAGE = object()
 _END = object()
+# The original project put the embedding of token 23893 (" comment" in phi-2's GPT-2 vocabulary)
+# between the image and the question, as a separator.
+ORIGINAL_SEPARATOR_ID = 23893
+
+
+@dataclass(frozen=True)
+class _Ids:
+    ids: tuple[int, ...]
 
 
 def _phi2_chat(conversation: Conversation, add_generation_prompt: bool) -> list[tuple[Any, bool]]:
@@ -109,6 +118,16 @@ def _plain(conversation: Conversation, add_generation_prompt: bool) -> list[tupl
     return [(_IMAGE, False)] + ([] if answer is None else [(answer, True), (_END, True)])
 
 
+def _original(conversation: Conversation, add_generation_prompt: bool) -> list[tuple[Any, bool]]:
+    """`<image><id 23893>{question}{answer}<|endoftext|>`: the original project's checkpoint, no template text."""
+    if len(conversation.turns) != 1 or not conversation.has_image:
+        raise ValueError("the original template takes exactly one turn with an image")
+    _check_generation_prompt(conversation, add_generation_prompt)
+    turn = conversation.turns[0]
+    segments = [(_IMAGE, False), (_Ids((ORIGINAL_SEPARATOR_ID,)), False), (turn.question, False)]
+    return segments + ([] if turn.answer is None else [(turn.answer, True), (_END, True)])
+
+
 def _check_generation_prompt(conversation: Conversation, add_generation_prompt: bool) -> None:
     unanswered = conversation.turns[-1].answer is None
     if unanswered != add_generation_prompt:
@@ -119,7 +138,7 @@ def _check_generation_prompt(conversation: Conversation, add_generation_prompt: 
         )
 
 
-TEMPLATES = {TemplateName.PHI2_CHAT: _phi2_chat, TemplateName.PLAIN: _plain}
+TEMPLATES = {TemplateName.PHI2_CHAT: _phi2_chat, TemplateName.PLAIN: _plain, TemplateName.ORIGINAL: _original}
 
 
 def render(
@@ -139,6 +158,8 @@ def render(
             ids = [IMAGE_PLACEHOLDER_ID]
         elif content is _END:
             ids = [eos_id]
+        elif isinstance(content, _Ids):
+            ids = list(content.ids)
         else:
             ids = encode_text(tokenizer, content)
         input_ids += ids

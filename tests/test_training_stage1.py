@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from inference import Assistant, GenerationOptions, Manifest, TemplateName, hub
 from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
 from training import cache_features, prepare_coco, stage1_align
 from training.data import Collator, load_examples
@@ -244,3 +244,34 @@ def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir,
     saved = load_file(output / "weights" / "projector.safetensors")
     for name, tensor in saved.items():
         assert torch.equal(tensor, checkpoint["trainable"][f"projector.{name}"])
+
+
+def test_push_to_hub_uploads_each_checkpoint_and_the_complete_final_folder(
+    features, coco, caption_lm, clip_dir, tmp_path, monkeypatch
+):
+    commits = []
+
+    class FakeHub:
+        def create_repo(self, repo_id, **kwargs):
+            assert kwargs["private"] is True
+
+        def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+            commits.append((repo_id, commit_message, files))
+
+    monkeypatch.setattr(hub, "HfApi", FakeHub)
+    output = tmp_path / "run"
+    args = ["--feature-cache", str(features), "--max-steps", "12", "--save-every", "5"]
+    args += ["--push-to-hub", "me/stage1", "--hub-private", "--push-checkpoints"]
+    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, output, *args))
+    assert [message for _, message, _ in commits] == [
+        "Checkpoint at step 5", "Checkpoint at step 10", "Final weights at step 12"
+    ]  # fmt: skip
+    final = commits[-1][2]
+    for name in ("manifest.json", "projector.safetensors", "config.yaml", "log.csv", "loss.png", "README.md"):
+        assert name in final
+    assert final == sorted(
+        str(p.relative_to(output / "weights")) for p in (output / "weights").rglob("*") if p.is_file()
+    )
+    card = (output / "weights" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "stage1_align" in card and "--push-to-hub" in card

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from inference.config import atomic_write_text
+from inference.hub import parse_reference
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -55,6 +58,9 @@ class TrainConfig:
     save_every: int = option(500, "optimizer steps between checkpoints")
     num_workers: int = option(2, "data-loading worker processes per device")
     resume: bool = option(False, "continue from output_dir/checkpoint exactly where it stopped")
+    push_to_hub: str = option("", "Hub repo id (OWNER/NAME) to push the final weights folder to; empty = no push")
+    hub_private: bool = option(False, "create the Hub repo as private")
+    push_checkpoints: bool = option(False, "with --push-to-hub: also push the weights at every checkpoint")
 
     def __post_init__(self) -> None:
         positive = ("global_batch_size", "batch_size", "lr", "log_every", "eval_every", "save_every")
@@ -66,6 +72,8 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
         self.betas = tuple(self.betas)
+        if self.push_to_hub and parse_reference(self.push_to_hub) is None:
+            raise ValueError(f"--push-to-hub {self.push_to_hub!r} is not a Hub repo id (expected OWNER/NAME)")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each device, so that the global batch is what was asked."""
@@ -105,6 +113,11 @@ class ImageTextConfig(TrainConfig):
 
 
 C = TypeVar("C", bound=TrainConfig)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The shell command that runs `module` with `argv` (the process's own arguments when None)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def parse_config(cls: type[C], argv: list[str] | None, description: str | None = None) -> C:

@@ -15,7 +15,6 @@ Several GPUs (same flags; the global batch stays 256, accumulation adapts):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from inference.loading import save_weights
 from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.vision import VisionTower
-from training.config import ImageTextConfig, option, parse_config
+from training.config import ImageTextConfig, command_line, option, parse_config
 from training.data import stage_data
 from training.feature_cache import open_cache
 from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
@@ -42,6 +41,10 @@ class Stage1Config(ImageTextConfig):
     projector: Literal["mlp2x_gelu", "linear"] = option("mlp2x_gelu", "projector architecture")
     max_length: int = option(128, "token limit per caption (the image counts as one)")
     name: str = option("stage1-projector", "name recorded in the weights manifest")
+
+
+# COCO 2017 captions as the Hub hosts them (the run itself reads the official zips: prepare_coco).
+COCO_DATASETS = ("lmms-lab/COCO-Caption2017",)
 
 
 def build_model(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, ProjectorConfig]:
@@ -74,13 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             projector=projector_config,
             template=TemplateName.PLAIN,
             adapter=False,
-            training={"stage": "stage1_align", "command": " ".join(sys.argv), **summary},
+            training={"stage": "stage1_align", "command": command_line("training.stage1_align", argv), **summary},
         )
         save_weights(folder, manifest, model.projector)
 
-    stage = Stage(
-        model, [{"params": list(model.projector.parameters()), "lr": config.lr}], collator, train, evaluation, save
-    )
+    parameters = [{"params": list(model.projector.parameters()), "lr": config.lr}]
+    stage = Stage(model, parameters, collator, train, evaluation, save, datasets=COCO_DATASETS)
     return Trainer(config, stage, accelerator).fit()
 
 

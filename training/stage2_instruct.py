@@ -17,7 +17,6 @@ Several GPUs (same flags):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from inference.loading import resolve_model_reference, save_weights
 from inference.model import MultimodalPhi
 from inference.projector import PROJECTOR_FILE, load_projector
 from inference.vision import VisionTower
-from training.config import ImageTextConfig, option, parse_config
+from training.config import ImageTextConfig, command_line, option, parse_config
 from training.data import stage_data
 from training.feature_cache import open_cache
 from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
@@ -153,11 +152,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             projector=stage1.projector,
             template=TemplateName.PHI2_CHAT,
             adapter=True,
-            training={"stage": "stage2_instruct", "command": " ".join(sys.argv), **summary},
+            training={"stage": "stage2_instruct", "command": command_line("training.stage2_instruct", argv), **summary},
         )
         save_weights(folder, manifest, model.projector, adapter_model=model.language_model)
 
-    stage = Stage(model, param_groups, collator, train, evaluation, save)
+    stage = Stage(model, param_groups, collator, train, evaluation, save, datasets=("liuhaotian/LLaVA-Instruct-150K",))
     return Trainer(config, stage, accelerator).fit()
 
 

@@ -32,10 +32,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from inference.config import GenerationOptions
+from inference.hub import PublishError, complete_folder, push_folder
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn, render
 from training.config import TrainConfig
 from training.data import Collator, Example, to_device, token_count
+from training.push import weights_card
 
 CHECKPOINT = "checkpoint"
 LOG_FIELDS = ["step", "epoch", "train_loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s", "gpu_mem_gb"]
@@ -99,6 +101,7 @@ class Stage:
     train: list[Example]
     eval: list[Example]
     save_weights: Callable[[MultimodalPhi, Path, dict[str, Any]], None]  # writes the final weights folder
+    datasets: tuple[str, ...] = ()  # Hub ids of the training data, for the model card
 
 
 class Trainer:
@@ -324,6 +327,8 @@ class Trainer:
                 final.rename(old)
             staging.rename(final)
             shutil.rmtree(old, ignore_errors=True)
+            if self.config.push_to_hub and self.config.push_checkpoints and self.step < self.total_steps:
+                self.publish({"steps": self.step, **self.last_losses}, final=False)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
@@ -366,10 +371,29 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         if self.main:
-            self.stage.save_weights(self.unwrapped, self.output / "weights", summary)
             (self.output / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+            self.publish(summary, final=True)
         self.accelerator.wait_for_everyone()
         return summary
+
+    def publish(self, summary: dict[str, Any], final: bool) -> None:
+        """Write the complete weights folder (weights, config, metrics, plot, card); push it if asked.
+
+        A failed push at a checkpoint is reported and training goes on; at the end it is an error, with
+        the local folder already complete.
+        """
+        folder = self.output / "weights"
+        self.stage.save_weights(self.unwrapped, folder, summary)
+        complete_folder(folder, self.output, weights_card(folder, summary, self.stage.datasets))
+        if not self.config.push_to_hub:
+            return
+        message = f"{'Final weights' if final else 'Checkpoint'} at step {self.step}"
+        try:
+            push_folder(folder, self.config.push_to_hub, self.config.hub_private, message, log=tqdm.write)
+        except PublishError as error:
+            if final:
+                raise
+            tqdm.write(f"warning: {error}")
 
 
 def trainable_checksum(state: dict[str, torch.Tensor]) -> str:

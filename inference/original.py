@@ -1,0 +1,163 @@
+"""Serve the original project's published checkpoint: import it into a weights folder of this project.
+
+The original deployment (the Space `MadhurGarg/multi-modalLLM`) holds `model_chkpt/ft_projection.pth`,
+the state dict of a `torch.nn.Linear(640, 2560)`, and `model_chkpt/qlora_adaptor/`, a peft LoRA
+adapter for microsoft/phi-2. Its input: TinyCLIP's last hidden layer without CLS → the linear
+projector → the embedding of token 23893 (" comment") → the question's tokens, decoded greedily.
+The import reproduces that exactly: a linear projector, feature layer -1, and the `original` template.
+
+    python -m inference.original [--checkpoint FOLDER] [--out FOLDER]
+
+Tensors are read with `torch.load(weights_only=True)` only, and written back as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import HF_HOME
+from safetensors.torch import save_file
+from torch import nn
+
+from inference.config import (
+    PHI2_ID,
+    TINYCLIP_ID,
+    TINYCLIP_PATCH_TOKENS,
+    Manifest,
+    ManifestError,
+    ProjectorConfig,
+    ProjectorType,
+    TemplateName,
+    atomic_write_text,
+)
+from inference.hub import model_card, scrub
+from inference.loading import save_weights
+
+ORIGINAL_SPACE = "MadhurGarg/multi-modalLLM"
+CHECKPOINT_DIR = "model_chkpt"
+PROJECTION_FILE = "ft_projection.pth"
+ADAPTER_DIR = "qlora_adaptor"
+# Where the imported folder is kept: beside the Hub cache, so it is made once per machine.
+DEFAULT_FOLDER = Path(os.environ.get("VQA_ORIGINAL_WEIGHTS", Path(HF_HOME) / "vqa-assistant" / "original-weights"))
+
+
+def import_original(
+    checkpoint: str | Path,
+    folder: str | Path,
+    language_model: str = PHI2_ID,
+    vision_model: str = TINYCLIP_ID,
+    image_tokens: int = TINYCLIP_PATCH_TOKENS,
+) -> Path:
+    """Convert the original checkpoint (a folder holding `model_chkpt/`, or `model_chkpt` itself)."""
+    checkpoint = Path(checkpoint)
+    root = checkpoint / CHECKPOINT_DIR if (checkpoint / CHECKPOINT_DIR).is_dir() else checkpoint
+    projection, adapter = root / PROJECTION_FILE, root / ADAPTER_DIR
+    if not projection.is_file() or not (adapter / "adapter_config.json").is_file():
+        raise ManifestError(f"{checkpoint} does not hold the original {PROJECTION_FILE} and {ADAPTER_DIR}/")
+    projector = _load_projection(projection)
+    manifest = Manifest(
+        name=f"original project ({ORIGINAL_SPACE})",
+        language_model=language_model,
+        vision_model=vision_model,
+        vision_feature_layer=-1,  # last_hidden_state: the last layer's output, before post-layernorm
+        image_tokens=image_tokens,
+        projector=ProjectorConfig(ProjectorType.LINEAR, projector.in_features, projector.out_features),
+        template=TemplateName.ORIGINAL,
+        adapter=True,
+        training={
+            "stage": "imported",
+            "source": f"https://huggingface.co/spaces/{ORIGINAL_SPACE}",
+            "note": "the ERA-V1 capstone's projector and QLoRA adapter, converted by inference.original",
+        },
+    )
+    with tempfile.TemporaryDirectory() as staging:
+        converted = _convert_adapter(adapter, Path(staging) / "adapter", language_model)
+        folder = save_weights(folder, manifest, projector, adapter_files=converted)
+    card = model_card(
+        manifest,
+        title="The original project's checkpoint, converted",
+        summary=(
+            f"The projector and QLoRA adapter published by the ERA-V1 capstone project (Space `{ORIGINAL_SPACE}`), "
+            "converted to this project's weights format: TinyCLIP's last-layer patch features, a linear "
+            "projector, the embedding of token 23893 as a separator, then the question."
+        ),
+        base_models=[language_model, vision_model],
+        library_name="peft",
+        pipeline_tag="image-text-to-text",
+        command="python -m inference.original",
+    )
+    atomic_write_text(folder / "README.md", card)
+    return folder
+
+
+def _load_projection(path: Path) -> nn.Linear:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ManifestError(f"{path} is not a loadable tensor file: {error}") from None
+    weight, bias = (state.get("weight"), state.get("bias")) if isinstance(state, dict) else (None, None)
+    if not (isinstance(weight, torch.Tensor) and weight.ndim == 2 and isinstance(bias, torch.Tensor)):
+        raise ManifestError(f"{path} is not a Linear layer's state dict (weight and bias)")
+    if set(state) != {"weight", "bias"} or bias.shape != (weight.shape[0],):
+        raise ManifestError(f"{path} has keys {sorted(state)} / shapes that are not one Linear layer's")
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight.float(), "bias": bias.float()})
+    return layer
+
+
+def _convert_adapter(source: Path, target: Path, language_model: str) -> Path:
+    """Copy the adapter config (pointed at `language_model`) and its weights as safetensors."""
+    target.mkdir(parents=True)
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = language_model
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (source / "adapter_model.safetensors").is_file():
+        shutil.copy2(source / "adapter_model.safetensors", target / "adapter_model.safetensors")
+    elif (source / "adapter_model.bin").is_file():
+        state = torch.load(source / "adapter_model.bin", map_location="cpu", weights_only=True)
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, target / "adapter_model.safetensors")
+    else:
+        raise ManifestError(f"{source} has no adapter_model.safetensors or adapter_model.bin")
+    return target
+
+
+def original_weights(folder: str | Path | None = None) -> Path:
+    """The imported original checkpoint: downloaded and converted on first use, then reused offline."""
+    folder = Path(folder or DEFAULT_FOLDER)
+    if (folder / "manifest.json").is_file():
+        return folder
+    try:
+        snapshot = snapshot_download(
+            ORIGINAL_SPACE,
+            repo_type="space",
+            allow_patterns=[f"{CHECKPOINT_DIR}/{PROJECTION_FILE}", f"{CHECKPOINT_DIR}/{ADAPTER_DIR}/*"],
+        )
+    except Exception as error:
+        reason = scrub(str(error)).splitlines()[0] if str(error) else type(error).__name__
+        raise ManifestError(
+            f"the original checkpoint could not be downloaded from Space {ORIGINAL_SPACE}: {reason}"
+        ) from None
+    return import_original(snapshot, folder)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="a local copy of the Space (default: download it)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_FOLDER, help="weights folder to write (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    folder = import_original(args.checkpoint, args.out) if args.checkpoint else original_weights(args.out)
+    print(f"imported the original checkpoint into {folder}; serve it with: python app.py --weights {folder}")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
