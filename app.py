@@ -4,7 +4,7 @@
     python app.py --weights DIR_OR_ID  # a weights folder, or a Hub repo id (OWNER/NAME[@REVISION])
     python app.py --demo               # tiny random models built offline: try the UI anywhere
 
-Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, DEMO=1,
+Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, PRECISION, DEMO=1,
 SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
 first access from those settings); the layout and events are all this file holds: the work is done
 by one `inference.Assistant`.
@@ -27,6 +27,7 @@ import gradio as gr
 from inference import Assistant, GenerationOptions, InputError
 from inference.config import ManifestError
 from inference.original import original_weights
+from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
@@ -129,7 +130,8 @@ def header(assistant: Assistant, demo_mode: bool) -> str:
         "## Ask about an image",
         f"Upload an image, then type or record a question. Weights **{manifest.name}**: "
         f"`{manifest.vision_model}` → {manifest.projector.type.value} projector → `{manifest.language_model}`"
-        + (" + LoRA (merged)" if manifest.adapter else ""),
+        + (" + LoRA (merged)" if manifest.adapter else "")
+        + (f", {assistant.precision.value} on the CPU" if assistant.precision else ""),
     ]
     if demo_mode:
         lines.append(f"> {DEMO_BANNER}")
@@ -222,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--whisper", default=env("WHISPER", DEFAULT_WHISPER), help="whisper size or .pt path (env WHISPER)"
     )
     parser.add_argument(
+        "--precision",
+        choices=[precision.value for precision in Precision],
+        default=env("PRECISION", DEFAULT_PRECISION.value),
+        help="language model precision on the CPU (env PRECISION): int8 is fastest (benchmarks/cpu_inference.py)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         default=env("DEMO", "") not in ("", "0"),
@@ -257,16 +265,17 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
         from inference.tiny import build_demo_weights
 
         weights, whisper = build_demo_weights(Path(tempfile.mkdtemp(prefix="vqa-demo-")))
-        assistant = Assistant.from_weights(weights, whisper_model=str(whisper))
+        assistant = Assistant.from_weights(weights, whisper_model=str(whisper), precision=args.precision)
     else:
         try:
-            assistant = Assistant.from_weights(choose_weights(args.weights), whisper_model=args.whisper)
+            weights = choose_weights(args.weights)
+            assistant = Assistant.from_weights(weights, whisper_model=args.whisper, precision=args.precision)
         except ManifestError as error:
             sys.exit(
                 f"Cannot start: {error}.\nTrain weights (README, training/) into weights/, pass --weights with a "
                 "folder or Hub repo id, or run with --demo to try the interface on tiny random models."
             )
-    print(f"Loaded {assistant.manifest.name} in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"Loaded {assistant.manifest.name} ({args.precision}) in {time.perf_counter() - started:.1f} s", flush=True)
     return assistant
 
 

@@ -13,14 +13,16 @@ import torch
 from PIL import Image
 
 from inference.config import GenerationOptions, Manifest
-from inference.loading import DEFAULT_CPU_DTYPE, load_weights
-from inference.model import MultimodalPhi
+from inference.loading import load_weights
+from inference.model import MultimodalPhi, PrefixCache
+from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
 from inference.vision import ImageError, load_image, to_rgb
 
 MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
 IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
+PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (~0.3 GB each for phi-2)
 
 
 class InputError(ValueError):
@@ -48,6 +50,8 @@ class Assistant:
         self.manifest = manifest
         self.transcriber = transcriber
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.prefixes = PrefixCache(PREFIX_CACHES)  # follow-up turns reuse the KV cache of earlier ones
+        self.precision: Precision | None = None  # set by from_weights; otherwise as the model was given
         self._lock = threading.Lock()
 
     @classmethod
@@ -55,12 +59,14 @@ class Assistant:
         cls,
         weights: str | Path,
         whisper_model: str | None = DEFAULT_WHISPER,
-        dtype: torch.dtype = DEFAULT_CPU_DTYPE,
+        precision: Precision = DEFAULT_PRECISION,
     ) -> Assistant:
-        """Load a weights folder and (unless `whisper_model` is None) a whisper model for spoken questions."""
-        loaded = load_weights(weights, dtype=dtype)
+        """Load a weights folder (or Hub id) in `precision`, and a whisper model unless `whisper_model` is None."""
+        loaded = load_weights(weights, precision=Precision(precision))
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
-        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber)
+        assistant = cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber)
+        assistant.precision = Precision(precision)
+        return assistant
 
     @property
     def max_positions(self) -> int:
@@ -90,7 +96,7 @@ class Assistant:
         if len(question) > MAX_QUESTION_CHARS:
             raise InputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
 
-        image_embeds = self.image_embeds(image)
+        image_key, image_embeds = self._encode(image)
         input_ids, dropped = self._prompt(history, question, options)
         notices = [transcript.notice if transcript else None]
         if dropped:
@@ -98,11 +104,15 @@ class Assistant:
         notice = " ".join(n for n in notices if n) or None
         heard = transcript.text if transcript else None
         yield Reply(question, "", heard, notice)
-        for answer in self.model.stream(self.tokenizer, input_ids, image_embeds, options):
+        for answer in self.model.stream(self.tokenizer, input_ids, image_embeds, options, self.prefixes, image_key):
             yield Reply(question, answer, heard, notice)
 
     def image_embeds(self, image: Image.Image | str | Path) -> torch.Tensor:
         """Projected embeddings (1, patches, width) of an image, computed once per distinct image."""
+        return self._encode(image)[1]
+
+    def _encode(self, image: Image.Image | str | Path) -> tuple[str, torch.Tensor]:
+        """(a key naming the image's pixels, its projected embeddings), from the cache when seen before."""
         try:
             image = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
         except ImageError as error:
@@ -111,14 +121,14 @@ class Assistant:
         with self._lock:
             if key in self._image_cache:
                 self._image_cache.move_to_end(key)
-                return self._image_cache[key]
+                return key, self._image_cache[key]
         with torch.no_grad():
             embeds = self.model.encode_images(self.model.vision_tower.preprocess([image]))
         with self._lock:
             self._image_cache[key] = embeds
             while len(self._image_cache) > IMAGE_CACHE_SIZE:
                 self._image_cache.popitem(last=False)
-        return embeds
+        return key, embeds
 
     def _transcribe(self, audio: AudioInput) -> Transcript:
         if self.transcriber is None:

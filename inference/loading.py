@@ -19,13 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from inference.config import Manifest, ManifestError
 from inference.hub import resolve_weights
 from inference.model import MultimodalPhi
+from inference.precision import Precision, apply_precision
 from inference.projector import PROJECTOR_FILE, load_projector, save_projector
 from inference.vision import VisionTower
 
 ADAPTER_DIR = "adapter"
-# bf16 on the CPU: phi-2 peaks at 11.2 GB while loading instead of fp32's 16.7 GB (over a CPU Basic
-# Space's 16 GB), with the first token 3.5× and decoding 1.3× faster (issue 9's measurements, 2 threads).
-# fp32 stays available for exact comparisons.
+# Without a serving precision (training, evaluation), the CPU loads bf16: fp32 phi-2 peaks above a CPU
+# Basic Space's 16 GB while loading. Serving chooses a `Precision` (int8 by default).
 DEFAULT_CPU_DTYPE = torch.bfloat16
 
 
@@ -36,11 +36,20 @@ class LoadedWeights:
     manifest: Manifest
 
 
-def load_weights(folder: str | Path, dtype: torch.dtype = DEFAULT_CPU_DTYPE, device: str = "cpu") -> LoadedWeights:
+def load_weights(
+    folder: str | Path,
+    dtype: torch.dtype = DEFAULT_CPU_DTYPE,
+    device: str = "cpu",
+    precision: Precision | None = None,
+) -> LoadedWeights:
     """Build the model a weights folder describes, with its LoRA merged, ready for inference.
 
     `folder` is a local folder or a Hub repo id (`OWNER/NAME[@REVISION]`), downloaded once into the Hub cache.
+    `precision` (CPU serving) overrides `dtype`: the model is loaded in bf16 (fp32 for FP32), the LoRA
+    merged in that dtype, then int8 layers are made one decoder layer at a time.
     """
+    if precision is not None:
+        dtype = precision.load_dtype
     folder = resolve_weights(folder)
     manifest = Manifest.load(folder)
     adapter = folder / ADAPTER_DIR
@@ -52,6 +61,8 @@ def load_weights(folder: str | Path, dtype: torch.dtype = DEFAULT_CPU_DTYPE, dev
     language_model = AutoModelForCausalLM.from_pretrained(language_model_id, dtype=dtype)
     if manifest.adapter:
         language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
+    if precision is not None:
+        language_model = apply_precision(language_model, precision)
     vision_model_id = resolve_model_reference(folder, manifest.vision_model)
     vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
     projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
+    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -142,22 +143,37 @@ class MultimodalPhi(nn.Module):
         options: GenerationOptions | None = None,
         streamer: TextIteratorStreamer | None = None,
         stop: threading.Event | None = None,
+        prefixes: PrefixCache | None = None,
+        image_key: str = "",
     ) -> list[int]:
-        """Answer one prompt with the KV cache; returns the new token ids (ending with EOS if it stopped)."""
+        """Answer one prompt with the KV cache; returns the new token ids (ending with EOS if it stopped).
+
+        With `prefixes`, the prompt's longest prefix that an earlier generation already computed (a
+        conversation's earlier turns, the system prompt) is not computed again; `image_key` names the
+        image, whose patches count as positions of the prefix.
+        """
         options = options or GenerationOptions()
         inputs = self.build_inputs([input_ids], image_embeds)
         criteria = StoppingCriteriaList([_EventStop(stop)] if stop is not None else [])
+        # An unnamed image gets a key equal to no other, so its positions are never taken for another's.
+        keys = position_keys(input_ids, image_key or object(), 0 if image_embeds is None else image_embeds.shape[1])
+        past = prefixes.take(keys) if prefixes is not None else None
         output = self.language_model.generate(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
+            past_key_values=past if past is not None else DynamicCache(config=self.language_model.config),
             eos_token_id=self.eos_token_id,
             pad_token_id=self.eos_token_id,
             use_cache=True,
+            return_dict_in_generate=True,
             streamer=streamer,
             stopping_criteria=criteria,
             **options.generate_kwargs(),
         )
-        return output[0].tolist()
+        tokens = output.sequences[0].tolist()
+        if prefixes is not None:
+            prefixes.put(keys + tokens, output.past_key_values)
+        return tokens
 
     def stream(
         self,
@@ -165,6 +181,8 @@ class MultimodalPhi(nn.Module):
         input_ids: Sequence[int],
         image_embeds: torch.Tensor | None,
         options: GenerationOptions | None = None,
+        prefixes: PrefixCache | None = None,
+        image_key: str = "",
     ) -> Iterator[str]:
         """Yield the growing answer text as tokens arrive. Closing the iterator stops generation."""
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -173,7 +191,7 @@ class MultimodalPhi(nn.Module):
 
         def run() -> None:
             try:
-                self.generate(input_ids, image_embeds, options, streamer=streamer, stop=stop)
+                self.generate(input_ids, image_embeds, options, streamer, stop, prefixes, image_key)
             except BaseException as error:
                 errors.append(error)
                 streamer.end()
@@ -212,6 +230,61 @@ class MultimodalPhi(nn.Module):
             next_embed = embed_tokens(torch.tensor([[token]], device=self.device))
             embeds = torch.cat([embeds, next_embed], dim=1)
         return tokens
+
+
+def position_keys(input_ids: Sequence[int], image_key: object, image_tokens: int) -> list:
+    """One key per position of the spliced sequence: a token id, or (image key, patch index)."""
+    keys: list = []
+    for token in input_ids:
+        keys += [(image_key, patch) for patch in range(image_tokens)] if token == IMAGE_PLACEHOLDER_ID else [token]
+    return keys
+
+
+class PrefixCache:
+    """KV caches of the last few generations, reusable by a prompt that starts the same way.
+
+    A follow-up question's prompt repeats the conversation so far, so the cache of the previous turn
+    (prompt + answer) covers most of it; only the new part is computed. Holds `size` caches (each up
+    to ~0.65 MB per position for phi-2 in fp32); one generation at a time uses it.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self.entries: list[tuple[list, DynamicCache]] = []
+        self.lock = threading.Lock()
+        self.reused = 0  # positions not recomputed by the last `take`, for tests and benchmarks
+
+    def take(self, keys: list) -> DynamicCache | None:
+        """Remove and return the cache sharing the longest prefix with `keys`, cut to that prefix."""
+        with self.lock:
+            best, length = None, 0
+            for index, (cached, _) in enumerate(self.entries):
+                shared = _common_prefix(cached, keys)
+                if shared > length:
+                    best, length = index, shared
+            self.reused = min(length, len(keys) - 1)  # at least one position must be fed to get logits
+            if best is None or self.reused == 0:
+                return None
+            _, cache = self.entries.pop(best)
+        surplus = cache.get_seq_length() - self.reused
+        if surplus > 0:
+            cache.crop(-surplus)  # transformers 5 crops by the number of positions to drop
+        return cache
+
+    def put(self, keys: list, cache: DynamicCache) -> None:
+        """Keep `cache`, which covers the first `cache.get_seq_length()` of `keys` (the last token is not fed)."""
+        with self.lock:
+            self.entries.append((keys[: cache.get_seq_length()], cache))
+            del self.entries[: -self.size]
+
+
+def _common_prefix(a: list, b: list) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 class _EventStop(StoppingCriteria):

@@ -4,7 +4,7 @@ import itertools
 import pytest
 from PIL import Image
 
-from inference import GenerationOptions, InputError
+from inference import Assistant, GenerationOptions, InputError
 from inference.config import TemplateName
 from inference.prompt import Conversation, Turn, render
 from tests.kit import make_shape_image
@@ -102,3 +102,20 @@ def test_oldest_history_is_dropped_when_the_context_is_full(assistant):
             )
         )
     assert context == 2048
+
+
+def test_follow_up_questions_reuse_the_kv_cache_and_answer_as_without_it(loaded):
+    reusing = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    image, history, reused = make_shape_image("blue"), [], []
+    options = GenerationOptions(max_new_tokens=12)
+    for question in ("What colour is it?", "Where is it?", "Is it round?"):
+        answer = list(reusing.chat(history, image, text=question, options=options))[-1].answer
+        reused.append(reusing.prefixes.reused)
+        fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
+        assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
+        history.append((question, answer))
+    first_prompt = len(reusing._prompt([], "What colour is it?", options)[0]) + loaded.manifest.image_tokens - 1
+    assert reused[0] == 0 and reused[1] >= first_prompt and reused[2] > reused[1]
+    # Another image: only the text before the image (the system prompt) is shared.
+    list(reusing.chat([], make_shape_image("green"), text="What colour is it?", options=options))
+    assert 0 < reusing.prefixes.reused < first_prompt - loaded.manifest.image_tokens

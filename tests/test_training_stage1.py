@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName, hub
+from inference.precision import Precision
 from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
 from training import cache_features, prepare_coco, stage1_align
 from training.data import Collator, load_examples
@@ -185,7 +186,7 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
     manifest = Manifest.load(output / "weights")
     assert manifest.template is TemplateName.PLAIN and not manifest.adapter
     assert manifest.training["steps"] == 60
-    assistant = Assistant.from_weights(output / "weights", whisper_model=None, dtype=torch.float32)
+    assistant = Assistant.from_weights(output / "weights", whisper_model=None, precision=Precision.FP32)
     options = GenerationOptions(max_new_tokens=8)
     reply = list(assistant.chat([], make_shape_image("red"), text="Describe.", options=options))
     assert reply[-1].answer

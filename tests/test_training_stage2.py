@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from inference.precision import Precision
 from inference.prompt import IGNORE_INDEX, Conversation, Turn, render
 from inference.tiny import build_weights_folder
 from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
@@ -148,7 +149,7 @@ def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruc
 
 
 def served_by(weights: Path):
-    assistant = Assistant.from_weights(weights, whisper_model=None, dtype=torch.float32)
+    assistant = Assistant.from_weights(weights, whisper_model=None, precision=Precision.FP32)
 
     def answer(question, image_path):
         return list(

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from inference.assistant import Assistant
 from inference.config import GenerationOptions, atomic_write_text
+from inference.precision import Precision
 from inference.prompt import IGNORE_INDEX
 from training.data import Collator, Example, load_examples
 
@@ -88,7 +89,7 @@ def evaluate(
     max_new_tokens: int = 32,
     assistant: Assistant | None = None,
 ) -> dict[str, Any]:
-    assistant = assistant or Assistant.from_weights(weights, whisper_model=None, dtype=torch.float32)
+    assistant = assistant or Assistant.from_weights(weights, whisper_model=None, precision=Precision.FP32)
     examples, malformed = load_examples(data)
     examples = [example for example in examples if example.image is not None]
     if limit:
