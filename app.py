@@ -13,8 +13,11 @@ by one `inference.Assistant`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -264,7 +267,9 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
     if args.demo:
         from inference.tiny import build_demo_weights
 
-        weights, whisper = build_demo_weights(Path(tempfile.mkdtemp(prefix="vqa-demo-")))
+        folder = Path(tempfile.mkdtemp(prefix="vqa-demo-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
+        weights, whisper = build_demo_weights(folder)
         assistant = Assistant.from_weights(weights, whisper_model=str(whisper), precision=args.precision)
     else:
         try:
@@ -294,7 +299,9 @@ def __getattr__(name: str) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    build_app(args).launch(
+    demo = build_app(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server still cleans up (atexit)
+    demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD, show_error=False
     )
 

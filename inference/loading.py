@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from inference.config import Manifest, ManifestError
 from inference.hub import resolve_weights
 from inference.model import MultimodalPhi
-from inference.precision import Precision, apply_precision
+from inference.precision import Precision, apply_precision, returning_freed_memory
 from inference.projector import PROJECTOR_FILE, load_projector, save_projector
 from inference.vision import VisionTower
 
@@ -58,11 +58,12 @@ def load_weights(
 
     language_model_id = resolve_model_reference(folder, manifest.language_model)
     tokenizer = AutoTokenizer.from_pretrained(language_model_id)
-    language_model = AutoModelForCausalLM.from_pretrained(language_model_id, dtype=dtype)
-    if manifest.adapter:
-        language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
-    if precision is not None:
-        language_model = apply_precision(language_model, precision)
+    with returning_freed_memory():  # the merge and the conversion free as much as they allocate
+        language_model = AutoModelForCausalLM.from_pretrained(language_model_id, dtype=dtype)
+        if manifest.adapter:
+            language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
+        if precision is not None:
+            language_model = apply_precision(language_model, precision)
     vision_model_id = resolve_model_reference(folder, manifest.vision_model)
     vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
     projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)

@@ -1,0 +1,417 @@
+"""CPU inference: the original project's method against this project's serving path, in one run.
+
+Random weights of phi-2's real shape (2.78B parameters; built on the meta device and filled in place,
+no 2.7B-parameter init loop) with a random LoRA, TinyCLIP's vision tower and whisper base.en, saved
+once as checkpoints. Each method then runs in its own process (so peak memory is its own) on the
+same weights and the same prompt (49 image embeddings + 40 text tokens) and generates 64 greedy tokens:
+
+- original: fp32, LoRA merged, no KV cache (a full forward over the whole sequence per new token)
+- fp32 / bf16 / int8: this project's `load_weights(precision=...)` and KV-cached `generate`
+
+Reported: load time and peak RSS while loading (int8: the whole app, Whisper and TinyCLIP included),
+time to first token, decode tokens/s, the 64-token total, peak RSS while generating, greedy tokens
+that match the original's, ratios to the original method and to the memory-bandwidth limit measured
+in the same run, TinyCLIP's encode time, Whisper's time for a 10 s question, and what reusing the
+KV cache saves on a follow-up question.
+
+    python benchmarks/cpu_inference.py            # phi-2's shape: about 10 minutes, 12 GB peak (original)
+    python benchmarks/cpu_inference.py --small    # a 0.16B model of the same structure, about a minute
+
+The table is printed and written to benchmarks/RESULTS.md (replacing the previous run of the same mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.kv_cache import SIZES  # noqa: E402
+from benchmarks.stage1_step import TINYCLIP_VISION  # noqa: E402
+from benchmarks.whisper_sizes import build as build_whisper  # noqa: E402
+
+IMAGE_TOKENS = 49
+TEXT_TOKENS = 40
+NEW_TOKENS = 64
+METHODS = ("original", "fp32", "bf16", "int8")
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+# ---------------------------------------------------------------- checkpoints (parent process)
+
+
+def build_checkpoints(folder: Path, size: str) -> Path:
+    """Random phi (bf16 safetensors, like the Hub's), a random LoRA, TinyCLIP, a weights folder, whisper."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM
+
+    from inference.config import Manifest, ProjectorConfig, ProjectorType, TemplateName
+    from inference.loading import save_weights
+    from inference.projector import build_projector
+    from inference.tiny import PHI_LORA_TARGETS, build_gpt2_tokenizer
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=51200, bos_token_id=50256, eos_token_id=50256, **SIZES[size])
+    with torch.device("meta"):
+        model = PhiForCausalLM(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim > 1:
+                parameter.normal_(0.0, 0.02)
+            else:
+                parameter.fill_(1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
+    model.save_pretrained(folder / "phi")
+    build_gpt2_tokenizer().save_pretrained(folder / "phi")
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PHI_LORA_TARGETS))
+    with torch.no_grad():  # a trained adapter's size: peft starts B at zero, training moves it a little
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 1e-3)
+    CLIPVisionModel(CLIPVisionConfig(**TINYCLIP_VISION)).save_pretrained(folder / "clip")
+    projector = ProjectorConfig(ProjectorType.MLP2X_GELU, TINYCLIP_VISION["hidden_size"], config.hidden_size)
+    manifest = Manifest(
+        name="random weights of the real shapes",
+        language_model=str(folder / "phi"),
+        vision_model=str(folder / "clip"),
+        image_tokens=IMAGE_TOKENS,
+        projector=projector,
+        template=TemplateName.PHI2_CHAT,
+        adapter=True,
+    )
+    save_weights(folder / "weights", manifest, build_projector(projector), lora)
+    whisper_model = build_whisper("base.en")
+    torch.save(
+        {"dims": vars(whisper_model.dims), "model_state_dict": whisper_model.state_dict()}, folder / "whisper.pt"
+    )
+    return folder
+
+
+def bandwidth_gb_s(threads: int) -> float:
+    """Read bandwidth with `threads` threads: the best of 5 sums over a 1 GiB tensor."""
+    torch.set_num_threads(threads)
+    data = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+# ---------------------------------------------------------------- one method (child process)
+
+
+class RssSampler:
+    """Samples this process's resident memory every 20 ms while active."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.running = False
+
+    def __enter__(self) -> RssSampler:
+        self.running, self.peak = True, current_rss()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, current_rss())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, current_rss())
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's resident high-water mark (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+class TokenClock:
+    """A streamer that records when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt (empty with inputs_embeds)
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def prompt_ids(tokenizer) -> list[int]:
+    from inference.prompt import IMAGE_PLACEHOLDER_ID
+
+    text = tokenizer("Describe the scene in this photograph in detail, please. " * 8)["input_ids"][:TEXT_TOKENS]
+    return [IMAGE_PLACEHOLDER_ID, *text]
+
+
+def weight_bytes(language_model) -> int:
+    """Bytes of weights read per decoded token: every Linear (int8: packed) and one embedding row."""
+    total = 0
+    for module in language_model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            total += module.in_features * module.out_features  # 1 byte each (scales are negligible)
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, torch.nn.LayerNorm):
+            total += module.weight.numel() * 2 * module.weight.element_size()
+    return total
+
+
+def run_method(method: str, folder: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    from inference.config import GenerationOptions
+    from inference.loading import load_weights
+    from inference.precision import Precision
+
+    start = time.perf_counter()
+    precision = Precision.FP32 if method == "original" else Precision(method)
+    loaded = load_weights(folder / "weights", precision=precision)
+    transcriber = None
+    if method == "int8":  # the served app: Whisper too
+        from inference.speech import Transcriber
+
+        transcriber = Transcriber(str(folder / "whisper.pt"))
+    load_seconds = time.perf_counter() - start
+    load_peak = peak_rss()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = prompt_ids(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    image_embeds = torch.randn(1, IMAGE_TOKENS, model.language_model.config.hidden_size, generator=generator)
+    image_embeds = (image_embeds * 0.02).to(model.embedding_dtype)
+    result = {
+        "method": method,
+        "load_s": load_seconds,
+        "load_peak": load_peak,
+        "weights": weight_bytes(model.language_model),
+    }
+    with RssSampler() as rss:
+        start = time.perf_counter()
+        if method == "original":
+            tokens, times = [], []
+            embeds = model.build_inputs([ids], image_embeds).inputs_embeds
+            embed_tokens = model.language_model.get_input_embeddings()
+            with torch.no_grad():
+                for _ in range(NEW_TOKENS):
+                    logits = model.language_model(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+                    token = int(logits.argmax())
+                    tokens.append(token)
+                    times.append(time.perf_counter())
+                    embeds = torch.cat([embeds, embed_tokens(torch.tensor([[token]]))], dim=1)
+        else:
+            clock = TokenClock()
+            options = GenerationOptions(max_new_tokens=NEW_TOKENS)
+            tokens = model.generate(ids, image_embeds, options, streamer=clock)
+            times = clock.times
+    first, total = times[0] - start, times[-1] - start
+    # Quality against the original's (fp32) tokens, teacher-forced so that errors do not compound; the
+    # original runs first and leaves its tokens for the others.
+    reference = folder / "tokens-original.json"
+    if method == "original":
+        reference.write_text(json.dumps(tokens))
+    forced = json.loads(reference.read_text())
+    with torch.no_grad():
+        inputs = model.build_inputs([ids + forced], image_embeds)
+        logits = model.language_model(inputs_embeds=inputs.inputs_embeds).logits[0, -len(forced) - 1 : -1].float()
+    torch.save(logits, folder / f"logits-{method}.pt")
+    result |= {
+        "first_s": first,
+        "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+        "total_s": total,
+        "tokens": tokens,
+        "generate_peak": rss.peak,
+    }
+    if method == "int8":
+        result |= extras(model, loaded, transcriber, ids)
+    return result
+
+
+def extras(model, loaded, transcriber, ids) -> dict:
+    """TinyCLIP encode, Whisper on a 10 s question, and a follow-up question with and without KV reuse."""
+    import whisper
+    from PIL import Image
+
+    from inference.config import GenerationOptions
+    from inference.model import PrefixCache
+    from inference.prompt import Conversation, Turn, render
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    start = time.perf_counter()
+    embeds = model.encode_images(model.vision_tower.preprocess([image]))
+    encode_s = time.perf_counter() - start
+    samples = (np.random.default_rng(1).standard_normal(16000 * 10) * 0.1).astype(np.float32)
+    start = time.perf_counter()
+    audio = whisper.pad_or_trim(torch.from_numpy(samples))
+    mel = whisper.log_mel_spectrogram(audio, n_mels=transcriber.model.dims.n_mels)
+    options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True, sample_len=30)
+    whisper.decode(transcriber.model, mel, options)  # ~30 tokens: a 10 s question
+    whisper_s = time.perf_counter() - start
+
+    short = GenerationOptions(max_new_tokens=32)
+    first = render(loaded.manifest.template, Conversation((Turn("What is in this picture?"),)), loaded.tokenizer, True)
+    prefixes = PrefixCache()
+    answer = loaded.tokenizer.decode(model.generate(first.input_ids, embeds, short, prefixes=prefixes, image_key="x"))
+    turns = (Turn("What is in this picture?", answer), Turn("And what colour is it?"))
+    follow_up = render(loaded.manifest.template, Conversation(turns), loaded.tokenizer, True).input_ids
+    timings = {}
+    for name, store in (("without", None), ("with", prefixes)):
+        clock = TokenClock()
+        start = time.perf_counter()
+        model.generate(follow_up, embeds, GenerationOptions(max_new_tokens=1), clock, None, store, "x")
+        timings[name] = clock.times[0] - start
+    return {
+        "clip_encode_s": encode_s,
+        "whisper_10s_s": whisper_s,
+        "follow_up_first_s_without_reuse": timings["without"],
+        "follow_up_first_s_with_reuse": timings["with"],
+        "follow_up_positions": len(follow_up) + IMAGE_TOKENS - 1,
+        "reused_positions": prefixes.reused,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.1f} GB"
+
+
+def quality(folder: Path, methods: list[str], original_tokens: list[int]) -> dict[str, tuple[float, float, float]]:
+    """Per method: top-1 agreement with fp32's greedy tokens, min logit cosine, max logit error / logit range."""
+    reference = torch.load(folder / "logits-original.pt")
+    span = (reference.max() - reference.min()).item()
+    scores = {}
+    for method in methods:
+        logits = torch.load(folder / f"logits-{method}.pt")
+        length = min(len(logits), len(reference))
+        logits, ref = logits[:length], reference[:length]
+        agreement = (logits.argmax(-1) == torch.tensor(original_tokens[:length])).float().mean().item()
+        cosine = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).min().item()
+        scores[method] = (agreement, cosine, (logits - ref).abs().max().item() / span)
+    return scores
+
+
+def report(results: dict[str, dict], bandwidth: float, size: str, threads: int, seconds: float, scores) -> str:
+    original = results["original"]
+    lines = [
+        f"### CPU inference, {size} shape ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"`python benchmarks/cpu_inference.py{' --small' if size == 'small' else ''}` on {os.cpu_count()} cores, "
+        f"{threads} threads; {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens → {NEW_TOKENS} greedy tokens; "
+        f"read bandwidth {bandwidth:.1f} GB/s; the whole run took {seconds / 60:.1f} min.",
+        "",
+        "| method | load | peak RSS loading | first token | decode | 64 tokens | × original | "
+        "bandwidth limit | decode / limit | peak RSS generating | same tokens | top-1 agreement | "
+        "logit cosine (min) | max logit error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, r in results.items():
+        limit = bandwidth * 1e9 / r["weights"]
+        same = next(
+            (i for i, (a, b) in enumerate(zip(r["tokens"], original["tokens"], strict=True)) if a != b), NEW_TOKENS
+        )
+        lines.append(
+            f"| {method} | {r['load_s']:.1f} s | {gb(r['load_peak'])} | {r['first_s']:.2f} s | "
+            f"{r['decode_tok_s']:.2f} tok/s | {r['total_s']:.1f} s | {original['total_s'] / r['total_s']:.1f}× | "
+            f"{limit:.1f} tok/s | {r['decode_tok_s'] / limit:.0%} | {gb(r['generate_peak'])} | {same}/{NEW_TOKENS} | "
+            f"{scores[method][0]:.0%} | {scores[method][1]:.4f} | {scores[method][2]:.1%} |"
+        )
+    lines += [
+        "",
+        "Same tokens: leading greedy tokens identical to the original's (fp32). Top-1 agreement, logit cosine and",
+        "error (relative to fp32's logit range) are measured teacher-forced on the original's tokens. Random",
+        "weights give nearly flat logits, so free-running agreement understates every precision here;",
+        "tests/test_precision.py measures it on a trained tiny model.",
+    ]
+    extra = results["int8"]
+    saved = 1 - extra["follow_up_first_s_with_reuse"] / extra["follow_up_first_s_without_reuse"]
+    lines += [
+        "",
+        "int8 is the served app (whisper base.en and TinyCLIP loaded too). "
+        f"TinyCLIP encode of one 640×480 image: {extra['clip_encode_s']:.2f} s; "
+        f"whisper base.en on a 10 s question (30 tokens): {extra['whisper_10s_s']:.2f} s. "
+        f"Follow-up question ({extra['follow_up_positions']} positions): first token "
+        f"{extra['follow_up_first_s_without_reuse']:.2f} s computing the whole prompt, "
+        f"{extra['follow_up_first_s_with_reuse']:.2f} s reusing the previous turn's KV cache "
+        f"({extra['reused_positions']} positions reused, {saved:.0%} saved).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(table: str, size: str, path: Path = RESULTS) -> None:
+    marker = f"### CPU inference, {size} shape"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    sections = text.split("\n### ")
+    kept = [sections[0], *(f"### {s}" for s in sections[1:] if not f"### {s}".startswith(marker))]
+    path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a 0.16B model of phi's structure (about a minute)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_method(args.child, args.folder, args.threads)))
+        return {}
+    if args.methods[0] != "original" or "int8" not in args.methods:
+        parser.error("--methods must start with original (the baseline) and include int8 (the served path)")
+    size = "small" if args.small else "phi-2"
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cpu-inference-") as tmp:
+        print(f"building random checkpoints of the {size} shape in {tmp} ...", flush=True)
+        build_checkpoints(Path(tmp), size)
+        os.sync()  # the checkpoint's gigabytes are written back now, not during a measurement
+        bandwidth = bandwidth_gb_s(args.threads)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        for method in args.methods:
+            print(f"running {method} ...", flush=True)
+            command = [sys.executable, __file__, "--child", method, "--folder", tmp, "--threads", str(args.threads)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        scores = quality(Path(tmp), args.methods, results["original"]["tokens"])
+    table = report(results, bandwidth, size, args.threads, time.perf_counter() - started, scores)
+    print(table)
+    write_results(table, size, args.results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

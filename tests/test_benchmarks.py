@@ -1,0 +1,26 @@
+"""The CPU inference benchmark runs end to end (its --small mode is what CI can afford); numbers are not judged."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import cpu_inference
+
+
+def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    results_file.write_text("# Benchmark results\n\n### GPU run\n\nkept\n")
+    results = cpu_inference.main(["--small", "--results", str(results_file)])
+    assert list(results) == list(cpu_inference.METHODS)
+    for method, result in results.items():
+        assert result["first_s"] > 0 and result["decode_tok_s"] > 0 and result["load_peak"] > 0, method
+        assert len(result["tokens"]) == cpu_inference.NEW_TOKENS
+    assert results["fp32"]["tokens"] == results["original"]["tokens"]  # the KV cache changes nothing in fp32
+    assert results["int8"]["reused_positions"] > 0
+    text = results_file.read_text()
+    assert "### GPU run\n\nkept" in text  # other tables stay
+    rows = re.findall(r"^\| (original|fp32|bf16|int8) \|", text, flags=re.M)
+    assert rows == list(cpu_inference.METHODS)
+    cpu_inference.write_results("### CPU inference, small shape (again)\n", "small", results_file)
+    rewritten = results_file.read_text()
+    assert rewritten.count("### CPU inference") == 1 and "(again)" in rewritten and "kept" in rewritten
