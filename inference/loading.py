@@ -118,14 +118,15 @@ def save_weights(
         if adapter_files is not None:
             shutil.copytree(adapter_files, staging / ADAPTER_DIR)
         manifest.save(staging)
-        _replace_folder(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
 
 
-def _replace_folder(new: Path, target: Path) -> None:
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` where `target` is, replacing it; readers see one or the other, never a mix."""
     if not target.exists():
         new.rename(target)
         return

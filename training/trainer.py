@@ -6,6 +6,10 @@ batches of `batch_size` per device, accumulated. The data order is a seeded shuf
 into whole optimizer steps and dealt out to the ranks, so a resumed run sees exactly the batches an
 uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, step, every rank's RNG
 state, the config) are written to a temporary folder and renamed into place.
+
+A `Stage` supplies the model, data and saving. The multimodal stages use its defaults (image-aware token
+counts, answers generated for held-out conversations, the weights manifest's model card); a text-only
+stage such as pretraining passes its own `count_tokens`, `sample` and `card` callables.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,11 @@ from inference.hub import PublishError, complete_folder, push_folder
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn, render
 from training.config import TrainConfig
-from training.data import Collator, Example, to_device, token_count
+from training.data import Collator, to_device, token_count
 from training.push import weights_card
 
 CHECKPOINT = "checkpoint"
-LOG_FIELDS = ["step", "epoch", "train_loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s", "gpu_mem_gb"]
+LOG_FIELDS = ["step", "epoch", "train_loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s", "gpu_mem_gb", "mfu"]
 SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
 
 
@@ -59,13 +63,30 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """torch AdamW, or one of bitsandbytes' 8-bit optimizers (blockwise-quantised moments, 1 byte each).
+
+    `adam8bit` is `bitsandbytes.optim.Adam8bit`, the class the original pretraining run used; bitsandbytes
+    applies its weight decay to the weights directly, as AdamW does.
+    """
     kwargs = {"betas": config.betas, "weight_decay": config.weight_decay}
     if config.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, **kwargs)
     import bitsandbytes
 
-    optimizers = {"adamw8bit": bitsandbytes.optim.AdamW8bit, "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit}
+    optimizers = {
+        "adam8bit": bitsandbytes.optim.Adam8bit,
+        "adamw8bit": bitsandbytes.optim.AdamW8bit,
+        "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit,
+    }
+    if config.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw or one of {sorted(optimizers)}")
     return optimizers[config.optimizer](param_groups, **kwargs)
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """Linear-warmup length: a config's own `warmup_steps` field (pretraining) when ≥ 0, else warmup_ratio."""
+    steps = getattr(config, "warmup_steps", -1)
+    return steps if steps >= 0 else round(config.warmup_ratio * total_steps)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -93,15 +114,32 @@ def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: in
 
 @dataclass
 class Stage:
-    """What a training stage gives the loop."""
+    """What a training stage gives the loop.
 
-    model: MultimodalPhi
+    The optional callables default to the multimodal stages' behaviour; a text-only stage sets them.
+    """
+
+    model: torch.nn.Module  # MultimodalPhi for the multimodal stages; any module whose forward returns .loss
     param_groups: list[dict[str, Any]]  # torch optimizer groups over the trainable parameters
-    collator: Collator
-    train: list[Example]
-    eval: list[Example]
-    save_weights: Callable[[MultimodalPhi, Path, dict[str, Any]], None]  # writes the final weights folder
+    collator: Callable[[list[Any]], dict[str, Any]]  # examples → the model's keyword arguments
+    train: Sequence[Any]  # training examples, indexed by the seeded data order
+    eval: Sequence[Any]  # held-out examples (empty: no evaluation)
+    save_weights: Callable[[Any, Path, dict[str, Any]], None]  # writes the final weights folder
     datasets: tuple[str, ...] = ()  # Hub ids of the training data, for the model card
+    # Positions the model processes in a batch (for tokens/s); None = text plus expanded image placeholders.
+    count_tokens: Callable[[dict[str, Any]], int] | None = None
+    # (model, how many) → sample records {"id", "reference", "generated", ...}; None = answers to held-out
+    # conversations. Called on the main process only, without gradients, under autocast.
+    sample: Callable[[Any, int], list[dict[str, Any]]] | None = None
+    # (published folder, run summary) → model card text; None = the multimodal weights manifest's card.
+    card: Callable[[Path, dict[str, Any]], str] | None = None
+    folder: str = "weights"  # name of the published folder inside output_dir
+    # Model FLOPs per trained token (forward and backward, recomputation not counted) and one device's peak
+    # FLOP/s: with both, the log reports model FLOPs utilisation (MFU).
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+    evaluate_at_start: bool = False  # also log the untrained model's held-out loss (step 0) in a fresh run
+    extra: dict[str, Any] = field(default_factory=dict)  # stage facts recorded in run.json
 
 
 class Trainer:
@@ -118,7 +156,7 @@ class Trainer:
                 f"{len(stage.train)} training examples do not fill one global batch of {config.global_batch_size}"
             )
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        warmup = round(config.warmup_ratio * self.total_steps)
+        warmup = warmup_steps(config, self.total_steps)
         self.trainable = [p for group in stage.param_groups for p in group["params"]]
         optimizer = build_optimizer(config, stage.param_groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -131,7 +169,7 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
 
     @property
-    def unwrapped(self) -> MultimodalPhi:
+    def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
     @property
@@ -148,6 +186,8 @@ class Trainer:
             (self.output / "log.csv").unlink(missing_ok=True)
         if self.main:
             self.config.save(self.output)
+        if self.stage.evaluate_at_start and self.step == 0:
+            self.evaluate()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.main, desc="train", unit="step")
         window_loss, window_start, window_samples, window_tokens = [], time.time(), 0, 0
         while self.step < self.total_steps:
@@ -180,7 +220,11 @@ class Trainer:
                 if self.step % self.config.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.time() - window_start
                     row = self.log_train(window_loss, window_samples / elapsed, window_tokens / elapsed)
-                    progress.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    postfix = {"loss": f"{row['train_loss']:.4f}", "lr": f"{row['lr']:.2e}"}
+                    postfix["tok/s"] = f"{row['tokens_per_s']:.0f}"
+                    if row["mfu"] is not None:
+                        postfix["mfu"] = f"{row['mfu']:.1%}"
+                    progress.set_postfix(postfix)
                     window_loss, window_samples, window_tokens = [], 0, 0
                 if self.step % self.config.eval_every == 0 or self.step == self.total_steps:
                     self.evaluate()
@@ -198,7 +242,7 @@ class Trainer:
         for index in range(self.accumulation):
             batch = to_device(next(micro_batches), self.accelerator.device)
             samples += len(batch["input_ids"])
-            tokens += token_count(batch, self.unwrapped.vision_tower.num_patches)
+            tokens += self.count_tokens(batch)
             last = index == self.accumulation - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             with nullcontext() if last else self.accelerator.no_sync(self.model):
@@ -216,8 +260,20 @@ class Trainer:
         stats = self.accelerator.reduce(stats, reduction="sum")
         return stats[0].item() / self.world, int(stats[1]), int(stats[2])
 
+    def count_tokens(self, batch: dict[str, Any]) -> int:
+        if self.stage.count_tokens is not None:
+            return self.stage.count_tokens(batch)
+        return token_count(batch, self.unwrapped.vision_tower.num_patches)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation: the FLOP/s the model's arithmetic needs over what the devices peak at."""
+        if not self.stage.flops_per_token or not self.stage.peak_flops:
+            return None
+        return tokens_per_s * self.stage.flops_per_token / (self.stage.peak_flops * self.world)
+
     def log_train(self, losses: list[float], samples_per_s: float, tokens_per_s: float) -> dict[str, Any]:
         memory = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+        mfu = self.mfu(tokens_per_s)
         row = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
@@ -226,6 +282,7 @@ class Trainer:
             "samples_per_s": round(samples_per_s, 2),
             "tokens_per_s": round(tokens_per_s, 1),
             "gpu_mem_gb": None if memory is None else round(memory, 2),
+            "mfu": None if mfu is None else round(mfu, 4),
         }
         self.last_losses["train"] = row["train_loss"]
         self.write_log(row)
@@ -261,27 +318,39 @@ class Trainer:
             tqdm.write(f"step {self.step}: held-out loss {eval_loss:.4f}")
         return eval_loss
 
-    def write_samples(self, model: MultimodalPhi) -> None:
-        """Greedy answers for the first held-out examples, printed and appended to samples.jsonl."""
-        options = GenerationOptions(max_new_tokens=SAMPLE_TOKENS)
-        tokenizer = self.stage.collator.tokenizer
+    def write_samples(self, model: torch.nn.Module) -> None:
+        """Sample generations (the stage's, or answers to held-out conversations), printed and logged."""
+        if self.stage.sample is None:
+            records = self.conversation_samples(model)
+        else:
+            with self.accelerator.autocast():
+                records = self.stage.sample(model, self.config.samples)
         with open(self.output / "samples.jsonl", "a") as log:
-            for example in self.stage.eval[: self.config.samples]:
-                turns = example.conversation.turns
-                question = Conversation((*turns[:-1], Turn(turns[-1].question)), example.conversation.has_image)
-                prompt = render(self.stage.collator.template, question, tokenizer, add_generation_prompt=True)
-                batch = to_device(self.stage.collator([example]), self.accelerator.device)
-                image_embeds = None
-                if example.image is not None:
-                    image_embeds = model.encode_images(
-                        batch.get("pixel_values"), image_features=batch.get("image_features")
-                    )
-                with self.accelerator.autocast():
-                    tokens = model.generate(prompt.input_ids, image_embeds, options)
-                answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                record = {"step": self.step, "id": example.id, "reference": turns[-1].answer, "generated": answer}
-                log.write(json.dumps(record) + "\n")
-                tqdm.write(f"  [{example.id}] reference: {turns[-1].answer!r}\n  [{example.id}] generated: {answer!r}")
+            for record in records:
+                log.write(json.dumps({"step": self.step, **record}) + "\n")
+                name, reference, generated = record["id"], record["reference"], record["generated"]
+                tqdm.write(f"  [{name}] reference: {reference!r}\n  [{name}] generated: {generated!r}")
+
+    def conversation_samples(self, model: MultimodalPhi) -> list[dict[str, Any]]:
+        """Greedy answers for the first held-out conversations (with their images)."""
+        options = GenerationOptions(max_new_tokens=SAMPLE_TOKENS)
+        collator: Collator = self.stage.collator
+        records = []
+        for example in self.stage.eval[: self.config.samples]:
+            turns = example.conversation.turns
+            question = Conversation((*turns[:-1], Turn(turns[-1].question)), example.conversation.has_image)
+            prompt = render(collator.template, question, collator.tokenizer, add_generation_prompt=True)
+            batch = to_device(collator([example]), self.accelerator.device)
+            image_embeds = None
+            if example.image is not None:
+                image_embeds = model.encode_images(
+                    batch.get("pixel_values"), image_features=batch.get("image_features")
+                )
+            with self.accelerator.autocast():
+                tokens = model.generate(prompt.input_ids, image_embeds, options)
+            answer = collator.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            records.append({"id": example.id, "reference": turns[-1].answer, "generated": answer})
+        return records
 
     def write_log(self, row: dict[str, Any]) -> None:
         if not self.main:
@@ -368,6 +437,7 @@ class Trainer:
             "final_train_loss": self.last_losses.get("train"),
             "final_eval_loss": self.last_losses.get("eval"),
             "seconds": round(seconds, 1),
+            **self.stage.extra,
             "config": self.config.to_dict(),
         }
         if self.main:
@@ -382,9 +452,13 @@ class Trainer:
         A failed push at a checkpoint is reported and training goes on; at the end it is an error, with
         the local folder already complete.
         """
-        folder = self.output / "weights"
+        folder = self.output / self.stage.folder
         self.stage.save_weights(self.unwrapped, folder, summary)
-        complete_folder(folder, self.output, weights_card(folder, summary, self.stage.datasets))
+        if self.stage.card is not None:
+            card = self.stage.card(folder, summary)
+        else:
+            card = weights_card(folder, summary, self.stage.datasets)
+        complete_folder(folder, self.output, card)
         if not self.config.push_to_hub:
             return
         message = f"{'Final weights' if final else 'Checkpoint'} at step {self.step}"
