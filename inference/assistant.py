@@ -44,6 +44,7 @@ class Assistant:
         tokenizer,
         manifest: Manifest,
         transcriber: Transcriber | None = None,
+        precision: Precision | None = None,  # how the model was loaded, when known (shown by the app)
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -51,7 +52,7 @@ class Assistant:
         self.transcriber = transcriber
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prefixes = PrefixCache(PREFIX_CACHES)  # follow-up turns reuse the KV cache of earlier ones
-        self.precision: Precision | None = None  # set by from_weights; otherwise as the model was given
+        self.precision = precision
         self._lock = threading.Lock()
 
     @classmethod
@@ -62,11 +63,10 @@ class Assistant:
         precision: Precision = DEFAULT_PRECISION,
     ) -> Assistant:
         """Load a weights folder (or Hub id) in `precision`, and a whisper model unless `whisper_model` is None."""
-        loaded = load_weights(weights, precision=Precision(precision))
+        precision = Precision(precision)
+        loaded = load_weights(weights, precision=precision)
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
-        assistant = cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber)
-        assistant.precision = Precision(precision)
-        return assistant
+        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision)
 
     @property
     def max_positions(self) -> int:

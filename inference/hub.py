@@ -56,7 +56,7 @@ def resolve_weights(reference: str | Path, cache_dir: str | Path | None = None) 
     except Exception as error:  # offline with nothing cached, no such repo, no access, network down
         raise ManifestError(
             f"weights folder {path} does not exist, and the Hub repo {repo_id!r} could not be fetched: "
-            f"{scrub(str(error)).splitlines()[0] if str(error) else type(error).__name__}"
+            f"{error_reason(error)}"
         ) from None
 
 
@@ -123,6 +123,12 @@ def scrub(text: str) -> str:
     if token:
         text = text.replace(token, "hf_***")
     return TOKEN_PATTERN.sub("hf_***", text)
+
+
+def error_reason(error: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), with any token scrubbed."""
+    text = str(error)
+    return scrub(text.splitlines()[0]) if text else type(error).__name__
 
 
 def _retryable(error: Exception) -> bool:

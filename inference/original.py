@@ -37,7 +37,7 @@ from inference.config import (
     TemplateName,
     atomic_write_text,
 )
-from inference.hub import model_card, scrub
+from inference.hub import error_reason, model_card
 from inference.loading import save_weights
 
 ORIGINAL_SPACE = "MadhurGarg/multi-modalLLM"
@@ -140,9 +140,8 @@ def original_weights(folder: str | Path | None = None) -> Path:
             allow_patterns=[f"{CHECKPOINT_DIR}/{PROJECTION_FILE}", f"{CHECKPOINT_DIR}/{ADAPTER_DIR}/*"],
         )
     except Exception as error:
-        reason = scrub(str(error)).splitlines()[0] if str(error) else type(error).__name__
         raise ManifestError(
-            f"the original checkpoint could not be downloaded from Space {ORIGINAL_SPACE}: {reason}"
+            f"the original checkpoint could not be downloaded from Space {ORIGINAL_SPACE}: {error_reason(error)}"
         ) from None
     return import_original(snapshot, folder)
 

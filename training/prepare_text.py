@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from inference.config import atomic_write_text
+from inference.hub import error_reason
 from training.config import command_line
 
 PHI_TOKENIZER = "microsoft/phi-1_5"  # GPT-2's BPE (50,257 ids) plus phi's added tokens
@@ -99,8 +100,8 @@ def download_hub_dataset(repo_id: str, pattern: str, cache_dir: str | None) -> P
     try:
         folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=cache_dir)
     except Exception as error:  # offline with nothing cached, no such repo, no access
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"could not fetch the Hub dataset {repo_id!r} ({', '.join(patterns)}): {first_line}") from None
+        reason = error_reason(error)
+        raise DataError(f"could not fetch the Hub dataset {repo_id!r} ({', '.join(patterns)}): {reason}") from None
     return Path(folder)
 
 
