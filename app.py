@@ -28,6 +28,7 @@ from pathlib import Path
 import gradio as gr
 
 from inference import Assistant, GenerationOptions, InputError
+from inference.cli import ArgumentParser, UsageError, command
 from inference.config import ManifestError
 from inference.original import original_weights
 from inference.precision import DEFAULT_PRECISION, Precision
@@ -216,7 +217,7 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument(
         "--weights",
         default=env("WEIGHTS"),
@@ -276,10 +277,10 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
             weights = choose_weights(args.weights)
             assistant = Assistant.from_weights(weights, whisper_model=args.whisper, precision=args.precision)
         except ManifestError as error:
-            sys.exit(
-                f"Cannot start: {error}.\nTrain weights (README, training/) into weights/, pass --weights with a "
-                "folder or Hub repo id, or run with --demo to try the interface on tiny random models."
-            )
+            raise UsageError(
+                f"cannot start: {error}. Train weights (README, training/) into weights/, pass --weights with a "
+                "folder or Hub repo id, or run with --demo to try the interface on tiny random models"
+            ) from None
     print(f"Loaded {assistant.manifest.name} ({args.precision}) in {time.perf_counter() - started:.1f} s", flush=True)
     return assistant
 
@@ -297,6 +298,7 @@ def __getattr__(name: str) -> gr.Blocks:
     return demo
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     demo = build_app(args)

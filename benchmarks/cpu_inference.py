@@ -38,11 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kv_cache import SIZES  # noqa: E402
-from benchmarks.stage1_step import TINYCLIP_VISION  # noqa: E402
-from benchmarks.whisper_sizes import build as build_whisper  # noqa: E402
+from inference.shapes import PHI_SHAPES, TINYCLIP_61M, WHISPER_SHAPES  # noqa: E402
 
-IMAGE_TOKENS = 49
+IMAGE_TOKENS = TINYCLIP_61M.num_patches
 TEXT_TOKENS = 40
 NEW_TOKENS = 64
 METHODS = ("original", "fp32", "bf16", "int8")
@@ -54,16 +52,17 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 def build_checkpoints(folder: Path, size: str) -> Path:
     """Random phi (bf16 safetensors, like the Hub's), a random LoRA, TinyCLIP, a weights folder, whisper."""
+    import whisper
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM
+    from transformers import CLIPVisionModel, PhiForCausalLM
 
-    from inference.config import Manifest, ProjectorConfig, ProjectorType, TemplateName
-    from inference.loading import save_weights
+    from inference.config import ProjectorType, TemplateName
+    from inference.loading import new_manifest, save_weights
     from inference.projector import build_projector
     from inference.tiny import PHI_LORA_TARGETS, build_gpt2_tokenizer
 
     torch.manual_seed(0)
-    config = PhiConfig(vocab_size=51200, bos_token_id=50256, eos_token_id=50256, **SIZES[size])
+    config = PHI_SHAPES[size].config(bos_token_id=50256, eos_token_id=50256)
     with torch.device("meta"):
         model = PhiForCausalLM(config).to(torch.bfloat16)
     model.to_empty(device="cpu")
@@ -80,22 +79,20 @@ def build_checkpoints(folder: Path, size: str) -> Path:
         for name, parameter in lora.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 1e-3)
-    CLIPVisionModel(CLIPVisionConfig(**TINYCLIP_VISION)).save_pretrained(folder / "clip")
-    projector = ProjectorConfig(ProjectorType.MLP2X_GELU, TINYCLIP_VISION["hidden_size"], config.hidden_size)
-    manifest = Manifest(
-        name="random weights of the real shapes",
-        language_model=str(folder / "phi"),
-        vision_model=str(folder / "clip"),
-        image_tokens=IMAGE_TOKENS,
-        projector=projector,
-        template=TemplateName.PHI2_CHAT,
+    CLIPVisionModel(TINYCLIP_61M.config()).save_pretrained(folder / "clip")
+    manifest = new_manifest(
+        "random weights of the real shapes",
+        str(folder / "phi"),
+        str(folder / "clip"),
+        -2,
+        ProjectorType.MLP2X_GELU,
+        TemplateName.PHI2_CHAT,
         adapter=True,
     )
-    save_weights(folder / "weights", manifest, build_projector(projector), lora)
-    whisper_model = build_whisper("base.en")
-    torch.save(
-        {"dims": vars(whisper_model.dims), "model_state_dict": whisper_model.state_dict()}, folder / "whisper.pt"
-    )
+    save_weights(folder / "weights", manifest, build_projector(manifest.projector), lora)
+    dims = WHISPER_SHAPES["base.en"].dimensions()
+    whisper_model = whisper.model.Whisper(dims)
+    torch.save({"dims": vars(dims), "model_state_dict": whisper_model.state_dict()}, folder / "whisper.pt")
     return folder
 
 
@@ -171,7 +168,7 @@ def prompt_ids(tokenizer) -> list[int]:
     from inference.prompt import IMAGE_PLACEHOLDER_ID
 
     text = tokenizer("Describe the scene in this photograph in detail, please. " * 8)["input_ids"][:TEXT_TOKENS]
-    return [IMAGE_PLACEHOLDER_ID, *text]
+    return [*[IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS, *text]
 
 
 def weight_bytes(language_model) -> int:
@@ -263,10 +260,11 @@ def extras(model, loaded, transcriber, ids) -> dict:
     from inference.config import GenerationOptions
     from inference.model import PrefixCache
     from inference.prompt import Conversation, Turn, render
+    from inference.vision import preprocess
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     start = time.perf_counter()
-    embeds = model.encode_images(model.vision_tower.preprocess([image]))
+    embeds = model.encode_images(preprocess([image], model.vision_tower.image_size))
     encode_s = time.perf_counter() - start
     samples = (np.random.default_rng(1).standard_normal(16000 * 10) * 0.1).astype(np.float32)
     start = time.perf_counter()
@@ -276,12 +274,26 @@ def extras(model, loaded, transcriber, ids) -> dict:
     whisper.decode(transcriber.model, mel, options)  # ~30 tokens: a 10 s question
     whisper_s = time.perf_counter() - start
 
+    def prompt(*turns: Turn) -> list[int]:
+        manifest = loaded.manifest
+        conversation = Conversation(turns)
+        return render(
+            manifest.template, conversation, loaded.tokenizer, True, image_tokens=manifest.image_tokens
+        ).input_ids
+
+    class CountingPrefixCache(PrefixCache):
+        reused = 0  # positions the last `take` handed back already computed
+
+        def take(self, input_ids, image_key):
+            cache = super().take(input_ids, image_key)
+            self.reused = 0 if cache is None else cache.get_seq_length()
+            return cache
+
     short = GenerationOptions(max_new_tokens=32)
-    first = render(loaded.manifest.template, Conversation((Turn("What is in this picture?"),)), loaded.tokenizer, True)
-    prefixes = PrefixCache()
-    answer = loaded.tokenizer.decode(model.generate(first.input_ids, embeds, short, prefixes=prefixes, image_key="x"))
-    turns = (Turn("What is in this picture?", answer), Turn("And what colour is it?"))
-    follow_up = render(loaded.manifest.template, Conversation(turns), loaded.tokenizer, True).input_ids
+    prefixes = CountingPrefixCache()
+    first = prompt(Turn("What is in this picture?"))
+    answer = loaded.tokenizer.decode(model.generate(first, embeds, short, prefixes=prefixes, image_key="x"))
+    follow_up = prompt(Turn("What is in this picture?", answer), Turn("And what colour is it?"))
     timings = {}
     for name, store in (("without", None), ("with", prefixes)):
         clock = TokenClock()
@@ -293,7 +305,7 @@ def extras(model, loaded, transcriber, ids) -> dict:
         "whisper_10s_s": whisper_s,
         "follow_up_first_s_without_reuse": timings["without"],
         "follow_up_first_s_with_reuse": timings["with"],
-        "follow_up_positions": len(follow_up) + IMAGE_TOKENS - 1,
+        "follow_up_positions": len(follow_up),
         "reused_positions": prefixes.reused,
     }
 

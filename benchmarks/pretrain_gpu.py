@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from inference.tiny import build_gpt2_tokenizer  # noqa: E402
 from training import prepare_text, pretrain  # noqa: E402
-from training.trainer import resolve_precision  # noqa: E402
+from training.config import parse_config  # noqa: E402
+from training.optim import resolve_precision  # noqa: E402
 
 ORIGINAL_CONFIG = ROOT / "training" / "configs" / "pretrain_original.yaml"
 ORIGINAL_GPU_GIB = 39.59  # the original run's A100-40GB, as PyTorch counts it ("39.59 GiB total capacity")
@@ -64,8 +66,7 @@ def prepare_corpus(work: Path, tokenizer: str, tokens: int) -> Path:
     """A packed corpus of at least `tokens` training tokens (when the standard library has them)."""
     text = stdlib_text(work / "text", min_bytes=max(MIN_TEXT_BYTES, int(tokens / (1 - HELD_OUT)) * BYTES_PER_TOKEN))
     out = work / "corpus"
-    prepare_text.main(["--source", f"stdlib={text}", "--tokenizer", tokenizer, "--out", str(out),
-                       "--held-out", str(HELD_OUT)])  # fmt: skip
+    prepare_text.prepare([f"stdlib={text}"], out, tokenizer=tokenizer, held_out=HELD_OUT)
     return out
 
 
@@ -80,15 +81,23 @@ def run(corpus: Path, output: Path, args: argparse.Namespace, checkpointing: boo
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    argv = [
-        "--config", str(ORIGINAL_CONFIG), "--data", str(corpus), "--output-dir", str(output),
-        "--size", args.size, "--block-size", str(args.block_size), "--max-steps", str(args.steps),
-        "--log-every", str(max(1, args.steps // 6)), "--eval-every", str(args.steps),
-        "--eval-batches", str(EVAL_BATCHES), "--samples", "1", "--save-every", str(args.steps), "--num-workers", "1",
-        "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing",
-    ]  # fmt: skip
+    original = parse_config(pretrain.PretrainConfig, ["--config", str(ORIGINAL_CONFIG), "--data", str(corpus)])
+    config = replace(
+        original,
+        output_dir=str(output),
+        size=args.size,
+        block_size=args.block_size,
+        max_steps=args.steps,
+        log_every=max(1, args.steps // 6),
+        eval_every=args.steps,
+        eval_batches=EVAL_BATCHES,
+        samples=1,
+        save_every=args.steps,
+        num_workers=1,
+        gradient_checkpointing=checkpointing,
+    )
     started = time.perf_counter()
-    summary = pretrain.main(argv)
+    summary = pretrain.run(config)
     seconds = time.perf_counter() - started
     rows = log_rows(output / "log.csv")
     evals = [float(row["eval_loss"]) for row in rows if row["eval_loss"]]

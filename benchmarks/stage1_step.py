@@ -19,34 +19,33 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM
+from transformers import CLIPVisionModel, PhiForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kv_cache import SIZES
 from inference.config import ProjectorConfig, ProjectorType
 from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from inference.vision import VisionTower
+from inference.shapes import PHI_SHAPES, TINYCLIP_61M
+from inference.vision import VisionTower, preprocess
 
-TINYCLIP_VISION = dict(hidden_size=640, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=10,
-                       image_size=224, patch_size=32)  # fmt: skip
+IMAGE_TOKENS = TINYCLIP_61M.num_patches
 BATCH = 4  # the original project's batch size
 CAPTION_TOKENS = 14  # a typical COCO caption plus <|endoftext|>
 
 
 def build(size: str) -> MultimodalPhi:
     torch.manual_seed(0)
-    language_model = PhiForCausalLM(PhiConfig(vocab_size=51200, **SIZES[size])).requires_grad_(False)
-    tower = VisionTower(CLIPVisionModel(CLIPVisionConfig(**TINYCLIP_VISION)), feature_layer=-2)
+    language_model = PhiForCausalLM(PHI_SHAPES[size].config()).requires_grad_(False)
+    tower = VisionTower(CLIPVisionModel(TINYCLIP_61M.config()), feature_layer=-2)
     config = ProjectorConfig(ProjectorType.LINEAR, tower.width, language_model.config.hidden_size)
     return MultimodalPhi(tower, build_projector(config), language_model, eos_token_id=50256).train()
 
 
 def per_token_loop(model: MultimodalPhi, images, captions: torch.Tensor) -> None:
     """The original project: one full forward over image + caption prefix for every caption token."""
-    pixels = model.vision_tower.preprocess(images)
+    pixels = preprocess(images, model.vision_tower.image_size)
     image_embeds = model.encode_images(pixels)
     caption_embeds = model.language_model.get_input_embeddings()(captions)
     loss = 0.0
@@ -59,8 +58,8 @@ def per_token_loop(model: MultimodalPhi, images, captions: torch.Tensor) -> None
 
 def teacher_forced(model: MultimodalPhi, captions: torch.Tensor, **images) -> None:
     """This project: one forward with labels over the whole batch."""
-    ids = [[IMAGE_PLACEHOLDER_ID, *row] for row in captions.tolist()]
-    labels = [[IGNORE_INDEX, *row] for row in captions.tolist()]
+    ids = [[*[IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS, *row] for row in captions.tolist()]
+    labels = [[*[IGNORE_INDEX] * IMAGE_TOKENS, *row] for row in captions.tolist()]
     model(ids, labels, **images).loss.backward()
 
 
@@ -74,7 +73,7 @@ def timed(function, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--size", choices=PHI_SHAPES, default="small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -85,14 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(BATCH)]
     captions = torch.randint(0, 50000, (BATCH, CAPTION_TOKENS))
     with torch.no_grad():  # the cache: computed once, stored in fp16, read back
-        cached = model.vision_tower(model.vision_tower.preprocess(images)).half().numpy()
+        cached = model.vision_tower(preprocess(images, model.vision_tower.image_size)).half().numpy()
 
     rows = [
         ("original: a forward per caption token", timed(lambda: per_token_loop(model, images, captions), args.repeats)),
         (
             "one teacher-forced forward, tower on the fly",
             timed(
-                lambda: teacher_forced(model, captions, pixel_values=model.vision_tower.preprocess(images)),
+                lambda: teacher_forced(model, captions, pixel_values=preprocess(images, 224)),
                 args.repeats,
             ),
         ),

@@ -19,20 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM
+from transformers import CLIPVisionModel, PhiForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.kv_cache import SIZES  # noqa: E402
-from benchmarks.stage1_step import TINYCLIP_VISION  # noqa: E402
 from inference.config import ProjectorConfig, ProjectorType  # noqa: E402
 from inference.model import MultimodalPhi  # noqa: E402
 from inference.projector import build_projector  # noqa: E402
 from inference.prompt import IMAGE_PLACEHOLDER_ID  # noqa: E402
+from inference.shapes import PHI_SHAPES, TINYCLIP_61M  # noqa: E402
 from inference.vision import VisionTower  # noqa: E402
+from training.optim import resolve_precision  # noqa: E402
 from training.stage2_instruct import Stage2Config, load_language_model  # noqa: E402
-from training.trainer import resolve_precision  # noqa: E402
 
 BATCH = 4
 TEXT_TOKENS = 200  # a LLaVA-Instruct conversation turn or two
@@ -40,18 +39,20 @@ ORIGINAL_GPU_GB = 16  # the original project's V100
 
 
 def measure(folder: Path, checkpointing: bool, steps: int, device: torch.device) -> tuple[float, float | None]:
+    lora = dict(lora_r=64, lora_alpha=16, lora_dropout=0.1)  # the original project's LoRA
     config = Stage2Config(
-        stage1_weights="-", train_data="-", image_folder="-", lora_r=64, lora_alpha=16, lora_dropout=0.1,
-        gradient_checkpointing=checkpointing,
-    )  # fmt: skip
+        stage1_weights="-", train_data="-", image_folder="-", gradient_checkpointing=checkpointing, **lora
+    )
     precision = resolve_precision("auto")
     language_model = load_language_model(str(folder), config, precision, device)
-    tower = VisionTower(CLIPVisionModel(CLIPVisionConfig(**TINYCLIP_VISION)), feature_layer=-2).to(device)
-    projector = build_projector(ProjectorConfig(ProjectorType.MLP2X_GELU, 640, language_model.config.hidden_size))
+    tower = VisionTower(CLIPVisionModel(TINYCLIP_61M.config()), feature_layer=-2).to(device)
+    width = language_model.config.hidden_size
+    projector = build_projector(ProjectorConfig(ProjectorType.MLP2X_GELU, TINYCLIP_61M.hidden_size, width))
     model = MultimodalPhi(tower, projector.to(device), language_model, eos_token_id=50256).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
-    ids = [[IMAGE_PLACEHOLDER_ID, *torch.randint(0, 50000, (TEXT_TOKENS,)).tolist()] for _ in range(BATCH)]
+    image = [IMAGE_PLACEHOLDER_ID] * TINYCLIP_61M.num_patches
+    ids = [[*image, *torch.randint(0, 50000, (TEXT_TOKENS,)).tolist()] for _ in range(BATCH)]
     pixels = torch.randn(BATCH, 3, 224, 224, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -75,13 +76,13 @@ def measure(folder: Path, checkpointing: bool, steps: int, device: torch.device)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=SIZES, default="phi-2")
+    parser.add_argument("--size", choices=PHI_SHAPES, default="phi-2")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        PhiForCausalLM(PhiConfig(vocab_size=51200, **SIZES[args.size])).to(torch.float16).save_pretrained(folder)
+        PhiForCausalLM(PHI_SHAPES[args.size].config()).to(torch.float16).save_pretrained(folder)
         rows = [
             (checkpointing, *measure(Path(folder), checkpointing, args.steps, device))
             for checkpointing in (False, True)

@@ -9,28 +9,22 @@ and a fixed answer length, so the sizes are compared on equal work in one run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import whisper
 
-# Published shapes (openai-whisper's checkpoints): audio/text width, heads and layers per size.
-SIZES = {
-    "tiny.en": (384, 6, 4),
-    "base.en": (512, 8, 6),
-    "small.en": (768, 12, 12),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.shapes import WHISPER_SHAPES
 
 
 def build(size: str) -> whisper.model.Whisper:
-    width, heads, layers = SIZES[size]
-    dims = whisper.model.ModelDimensions(
-        n_mels=80, n_audio_ctx=1500, n_audio_state=width, n_audio_head=heads, n_audio_layer=layers,
-        n_vocab=51864, n_text_ctx=448, n_text_state=width, n_text_head=heads, n_text_layer=layers,
-    )  # fmt: skip
     torch.manual_seed(0)
-    return whisper.model.Whisper(dims).eval()
+    return whisper.model.Whisper(WHISPER_SHAPES[size].dimensions()).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)))
     options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True, sample_len=args.tokens)
     rows = []
-    for size in SIZES:
+    for size in WHISPER_SHAPES:
         model = build(size)
         whisper.decode(model, mel, options)  # warm-up
         start = time.perf_counter()

@@ -1,4 +1,8 @@
-"""Assistant: one call that takes the history, an image, typed or spoken text, and streams the answer."""
+"""Assistant: one call that takes the history, an image, typed or spoken text, and streams the answer.
+
+The assistant talks, the model computes: the assistant turns the question into a prompt, the image into
+pixels (once per conversation), and the generated tokens into growing text on a generation thread.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import TextIteratorStreamer
 
 from inference.config import GenerationOptions, Manifest
 from inference.loading import load_weights
@@ -18,11 +23,11 @@ from inference.model import MultimodalPhi, PrefixCache
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
-from inference.vision import ImageError, load_image, to_rgb
+from inference.vision import ImageError, load_image, pixel_values, to_rgb
 
 MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
 IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
-PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (~0.3 GB each for phi-2)
+PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (each ≤ 2048 positions)
 
 
 class InputError(ValueError):
@@ -104,12 +109,37 @@ class Assistant:
         notice = " ".join(n for n in notices if n) or None
         heard = transcript.text if transcript else None
         yield Reply(question, "", heard, notice)
-        for answer in self.model.stream(self.tokenizer, input_ids, image_embeds, options, self.prefixes, image_key):
+        for answer in self._stream(input_ids, image_embeds, image_key, options):
             yield Reply(question, answer, heard, notice)
 
-    def image_embeds(self, image: Image.Image | str | Path) -> torch.Tensor:
-        """Projected embeddings (1, patches, width) of an image, computed once per distinct image."""
-        return self._encode(image)[1]
+    def _stream(
+        self, input_ids: list[int], image_embeds: torch.Tensor, image_key: str, options: GenerationOptions
+    ) -> Iterator[str]:
+        """Yield the growing answer text as the model generates on a thread. Closing the iterator stops it."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(input_ids, image_embeds, options, streamer, stop, self.prefixes, image_key)
+            except BaseException as error:
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yield text
+        finally:
+            stop.set()
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def _encode(self, image: Image.Image | str | Path) -> tuple[str, torch.Tensor]:
         """(a key naming the image's pixels, its projected embeddings), from the cache when seen before."""
@@ -123,7 +153,7 @@ class Assistant:
                 self._image_cache.move_to_end(key)
                 return key, self._image_cache[key]
         with torch.no_grad():
-            embeds = self.model.encode_images(self.model.vision_tower.preprocess([image]))
+            embeds = self.model.encode_images(pixel_values([image], self.model.vision_tower.image_size))
         with self._lock:
             self._image_cache[key] = embeds
             while len(self._image_cache) > IMAGE_CACHE_SIZE:
@@ -144,10 +174,13 @@ class Assistant:
         """Prompt ids for the newest question, dropping the oldest exchanges until the answer fits."""
         if not self.manifest.template.multi_turn:
             history = []  # caption-only (stage 1) and the original project's weights answer every question afresh
-        budget = self.max_positions - options.max_new_tokens - self.manifest.image_tokens + 1  # +1: placeholder
+        budget = self.max_positions - options.max_new_tokens
         for dropped in range(len(history) + 1):
             turns = [Turn(q, a) for q, a in history[dropped:]] + [Turn(question)]
-            prompt = render(self.manifest.template, Conversation(tuple(turns)), self.tokenizer, True)
+            conversation = Conversation(tuple(turns))
+            prompt = render(
+                self.manifest.template, conversation, self.tokenizer, True, image_tokens=self.manifest.image_tokens
+            )
             if len(prompt.input_ids) <= budget:
                 return prompt.input_ids, dropped
         raise InputError(

@@ -15,17 +15,20 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from inference.cli import UsageError
+from inference.shapes import PHI2, TINYCLIP_61M
+
 PHI2_ID = "microsoft/phi-2"
 TINYCLIP_ID = "wkcn/TinyCLIP-ViT-61M-32-Text-29M-LAION400M"
-TINYCLIP_WIDTH = 640  # hidden size of TinyCLIP-ViT-61M's vision transformer
-PHI2_WIDTH = 2560  # phi-2's embedding width
-TINYCLIP_PATCH_TOKENS = 49  # (224 px / 32 px patches)² = 7 × 7
+TINYCLIP_WIDTH = TINYCLIP_61M.hidden_size  # width of one vision patch feature
+PHI2_WIDTH = PHI2.hidden_size  # phi-2's embedding width
+TINYCLIP_PATCH_TOKENS = TINYCLIP_61M.num_patches  # (224 px / 32 px patches)² = 7 × 7
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1  # bump when a field changes meaning; loading refuses formats it does not know
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest that is missing, malformed or inconsistent."""
 
 

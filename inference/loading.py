@@ -1,26 +1,36 @@
-"""Weights folders: build the served model from one, and write one.
+"""Weights folders, and the one builder that assembles `MultimodalPhi` from a manifest.
 
 A weights folder holds `manifest.json`, `projector.safetensors` and, when the manifest says so, a peft
 LoRA `adapter/`. The manifest names the base models (Hub ids or local folders); nothing is guessed
-from folder names.
+from folder names. `build_model` is the only place the vision tower, projector and language model are
+put together: serving (`load_weights`), stage 1, stage 2 and merging all call it, and differ only in
+how the language model is loaded (the `language_model` argument).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from inference.config import Manifest, ManifestError
+from inference.config import Manifest, ManifestError, ProjectorConfig, ProjectorType, TemplateName
 from inference.hub import resolve_weights
 from inference.model import MultimodalPhi
 from inference.precision import Precision, apply_precision, returning_freed_memory
-from inference.projector import PROJECTOR_FILE, load_projector, save_projector
+from inference.projector import PROJECTOR_FILE, build_projector, load_projector, save_projector
 from inference.vision import VisionTower
 
 ADAPTER_DIR = "adapter"
@@ -28,12 +38,43 @@ ADAPTER_DIR = "adapter"
 # Basic Space's 16 GB while loading. Serving chooses a `Precision` (int8 by default).
 DEFAULT_CPU_DTYPE = torch.bfloat16
 
+# Loads the causal LM from a resolved reference (Hub id or folder): each phase has its own.
+LanguageModelLoader = Callable[[str], PreTrainedModel]
+
 
 @dataclass
 class LoadedWeights:
     model: MultimodalPhi
     tokenizer: PreTrainedTokenizerBase
     manifest: Manifest
+
+
+def build_model(
+    manifest: Manifest, folder: Path | None, language_model: LanguageModelLoader
+) -> tuple[MultimodalPhi, PreTrainedTokenizerBase]:
+    """Assemble the model a manifest describes: tokenizer, language model, vision tower, projector.
+
+    `folder` is the weights folder the manifest belongs to: references relative to it are resolved and
+    its projector is loaded. Without one (stage 1), references are taken as they are and the projector
+    is new, initialised from the current RNG state. `language_model` loads the causal LM: frozen for
+    stage 1, with a (Q)LoRA for stage 2, with the adapter merged for serving and merging.
+    """
+    language_model_id = resolve_model_reference(folder, manifest.language_model)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_id)
+    causal_lm = language_model(language_model_id)
+    vision_model_id = resolve_model_reference(folder, manifest.vision_model)
+    vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
+    if folder is None:
+        projector = build_projector(manifest.projector)
+    else:
+        projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)
+    _check_shapes(manifest, vision_tower, causal_lm)
+    return MultimodalPhi(vision_tower, projector, causal_lm, tokenizer.eos_token_id), tokenizer
+
+
+def pretrained(dtype: torch.dtype) -> LanguageModelLoader:
+    """The causal LM as published, in `dtype`."""
+    return lambda reference: AutoModelForCausalLM.from_pretrained(reference, dtype=dtype)
 
 
 def load_weights(
@@ -56,26 +97,46 @@ def load_weights(
     if manifest.adapter and not adapter.is_dir():
         raise ManifestError(f"{folder}/manifest.json says there is an adapter, but {adapter} is missing")
 
-    language_model_id = resolve_model_reference(folder, manifest.language_model)
-    tokenizer = AutoTokenizer.from_pretrained(language_model_id)
-    with returning_freed_memory():  # the merge and the conversion free as much as they allocate
-        language_model = AutoModelForCausalLM.from_pretrained(language_model_id, dtype=dtype)
-        if manifest.adapter:
-            language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
-        if precision is not None:
-            language_model = apply_precision(language_model, precision)
-    vision_model_id = resolve_model_reference(folder, manifest.vision_model)
-    vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
-    projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)
-    _check_shapes(manifest, vision_tower, language_model)
+    def merged(reference: str) -> PreTrainedModel:
+        with returning_freed_memory():  # the merge and the conversion free as much as they allocate
+            language_model = pretrained(dtype)(reference)
+            if manifest.adapter:
+                language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
+            if precision is not None:
+                language_model = apply_precision(language_model, precision)
+        return language_model
 
-    model = MultimodalPhi(vision_tower, projector, language_model, tokenizer.eos_token_id)
+    model, tokenizer = build_model(manifest, folder, merged)
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
 
 
-def resolve_model_reference(folder: Path, reference: str) -> str:
+def new_manifest(
+    name: str,
+    language_model: str,
+    vision_model: str,
+    vision_feature_layer: int,
+    projector: ProjectorType,
+    template: TemplateName,
+    adapter: bool = False,
+) -> Manifest:
+    """The manifest of new weights over two base models, their widths and patch count read from their configs."""
+    vision = CLIPVisionConfig.from_pretrained(vision_model)
+    text_width = AutoConfig.from_pretrained(language_model).hidden_size
+    return Manifest(
+        name=name,
+        language_model=language_model,
+        vision_model=vision_model,
+        vision_feature_layer=vision_feature_layer,
+        image_tokens=(vision.image_size // vision.patch_size) ** 2,
+        projector=ProjectorConfig(ProjectorType(projector), vision.hidden_size, text_width),
+        template=template,
+        adapter=adapter,
+    )
+
+
+def resolve_model_reference(folder: Path | None, reference: str) -> str:
     """A Hub id or absolute folder as it is; `./...` or `../...` relative to the weights folder itself."""
-    if reference == "." or reference.startswith(("./", "../")):
+    if folder is not None and (reference == "." or reference.startswith(("./", "../"))):
         return str((folder / reference).resolve())
     return reference
 

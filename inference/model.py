@@ -1,26 +1,20 @@
 """MultimodalPhi: vision tower + projector + causal language model, shared by training and serving.
 
 There is one definition of how images and token ids become `inputs_embeds` and `labels`
-(`build_inputs`); the training loss (`forward`) and generation (`generate`, `stream`) both use it.
+(`build_inputs`: the image embeddings are scattered into the prompt's placeholder positions); the
+training loss (`forward`) and generation (`generate`) both use it. The model computes; turning text
+into ids and streamed tokens back into text is the assistant's job.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from transformers import (
-    DynamicCache,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 
 from inference.config import GenerationOptions
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
@@ -77,48 +71,44 @@ class MultimodalPhi(nn.Module):
         image_embeds: torch.Tensor | None,
         labels: Sequence[Sequence[int]] | None = None,
     ) -> MultimodalInputs:
-        """Splice image embeddings in at each placeholder, in order, and right-pad the batch.
+        """Right-pad the batch and scatter the image embeddings into its placeholder positions, in order.
 
-        Every `IMAGE_PLACEHOLDER_ID` consumes the next image of `image_embeds` (B_images, patches, width);
-        its label positions become IGNORE_INDEX. Labels stay aligned with inputs; the language model
-        shifts them by one when it computes the loss.
+        `image_embeds` (images, patches, width) fills the batch's `IMAGE_PLACEHOLDER_ID` positions row
+        by row, one patch per position, so each image needs `patches` placeholders (the template puts
+        them there); those positions are never supervised. Labels stay aligned with inputs; the
+        language model shifts them by one when it computes the loss.
         """
-        placeholders = sum(list(ids).count(IMAGE_PLACEHOLDER_ID) for ids in input_ids)
-        images = 0 if image_embeds is None else image_embeds.shape[0]
-        if placeholders != images:
-            raise ValueError(
-                f"the prompts hold {placeholders} image placeholders but {images} images were given: "
-                "each image needs exactly one placeholder"
-            )
-        if labels is not None and [len(row) for row in labels] != [len(ids) for ids in input_ids]:
+        lengths = [len(ids) for ids in input_ids]
+        if labels is not None and [len(row) for row in labels] != lengths:
             raise ValueError("labels and input_ids must have the same lengths")
+        length = max(lengths)
+        ids = torch.tensor([[*row, *[0] * (length - len(row))] for row in input_ids], device=self.device)
+        attention_mask = torch.tensor([[1] * n + [0] * (length - n) for n in lengths], device=self.device)
+        is_image = ids == IMAGE_PLACEHOLDER_ID
         embed_tokens = self.language_model.get_input_embeddings()
-        if image_embeds is not None and image_embeds.shape[-1] != embed_tokens.embedding_dim:
+        patches = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        positions = int(is_image.sum())
+        if positions != patches:
+            images = 0 if image_embeds is None else image_embeds.shape[0]
             raise ValueError(
-                f"image embeddings are {image_embeds.shape[-1]} wide; the language model expects "
-                f"{embed_tokens.embedding_dim}"
+                f"the prompts hold {positions} image positions but {images} images of "
+                f"{0 if image_embeds is None else image_embeds.shape[1]} patches were given: "
+                "render each image as one placeholder per patch"
             )
-        next_image = 0
-        rows_embeds, rows_labels = [], []
-        for row, ids in enumerate(input_ids):
-            ids = torch.tensor(list(ids), dtype=torch.long, device=self.device)
-            row_labels = torch.tensor(labels[row], dtype=torch.long, device=self.device) if labels is not None else None
-            is_image = ids == IMAGE_PLACEHOLDER_ID
-            text_embeds = embed_tokens(ids.masked_fill(is_image, 0))
-            pieces, label_pieces, start = [], [], 0
-            for position in is_image.nonzero().flatten().tolist():
-                image = image_embeds[next_image].to(text_embeds.dtype)
-                next_image += 1
-                pieces += [text_embeds[start:position], image]
-                if row_labels is not None:
-                    label_pieces += [row_labels[start:position], row_labels.new_full((len(image),), IGNORE_INDEX)]
-                start = position + 1
-            pieces.append(text_embeds[start:])
-            rows_embeds.append(torch.cat(pieces))
-            if row_labels is not None:
-                label_pieces.append(row_labels[start:])
-                rows_labels.append(torch.cat(label_pieces))
-        return _right_pad(rows_embeds, rows_labels if labels is not None else None)
+        embeds = embed_tokens(ids.masked_fill(is_image, 0))
+        if image_embeds is not None:
+            if image_embeds.shape[-1] != embed_tokens.embedding_dim:
+                raise ValueError(
+                    f"image embeddings are {image_embeds.shape[-1]} wide; the language model expects "
+                    f"{embed_tokens.embedding_dim}"
+                )
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        embeds = embeds.masked_fill(attention_mask.unsqueeze(-1) == 0, 0.0)
+        batch_labels = None
+        if labels is not None:
+            padded = [[*row, *[IGNORE_INDEX] * (length - len(row))] for row in labels]
+            batch_labels = torch.tensor(padded, device=self.device).masked_fill(is_image, IGNORE_INDEX)
+        return MultimodalInputs(embeds, attention_mask, batch_labels)
 
     def forward(
         self,
@@ -141,27 +131,28 @@ class MultimodalPhi(nn.Module):
         input_ids: Sequence[int],
         image_embeds: torch.Tensor | None,
         options: GenerationOptions | None = None,
-        streamer: TextIteratorStreamer | None = None,
+        streamer=None,
         stop: threading.Event | None = None,
         prefixes: PrefixCache | None = None,
         image_key: str = "",
     ) -> list[int]:
         """Answer one prompt with the KV cache; returns the new token ids (ending with EOS if it stopped).
 
-        With `prefixes`, the prompt's longest prefix that an earlier generation already computed (a
-        conversation's earlier turns, the system prompt) is not computed again; `image_key` names the
-        image, whose patches count as positions of the prefix.
+        `streamer` (transformers' `put`/`end` protocol) receives the tokens as they come; setting `stop`
+        ends generation early. With `prefixes`, the prompt's longest prefix that an earlier generation
+        already computed (a conversation's earlier turns, the system prompt) is not computed again;
+        `image_key` names the image, whose positions only match the same image's.
         """
         options = options or GenerationOptions()
         inputs = self.build_inputs([input_ids], image_embeds)
         criteria = StoppingCriteriaList([_EventStop(stop)] if stop is not None else [])
         # An unnamed image gets a key equal to no other, so its positions are never taken for another's.
-        keys = position_keys(input_ids, image_key or object(), 0 if image_embeds is None else image_embeds.shape[1])
-        past = prefixes.take(keys) if prefixes is not None else None
+        image_key = image_key or object()
+        past = prefixes.take(input_ids, image_key) if prefixes is not None else None
         output = self.language_model.generate(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
-            past_key_values=past if past is not None else DynamicCache(config=self.language_model.config),
+            cache=past if past is not None else DynamicCache(config=self.language_model.config),
             eos_token_id=self.eos_token_id,
             pad_token_id=self.eos_token_id,
             use_cache=True,
@@ -172,116 +163,53 @@ class MultimodalPhi(nn.Module):
         )
         tokens = output.sequences[0].tolist()
         if prefixes is not None:
-            prefixes.put(keys + tokens, output.past_key_values)
+            prefixes.put([*input_ids, *tokens], image_key, output.past_key_values)
         return tokens
-
-    def stream(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        input_ids: Sequence[int],
-        image_embeds: torch.Tensor | None,
-        options: GenerationOptions | None = None,
-        prefixes: PrefixCache | None = None,
-        image_key: str = "",
-    ) -> Iterator[str]:
-        """Yield the growing answer text as tokens arrive. Closing the iterator stops generation."""
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.generate(input_ids, image_embeds, options, streamer, stop, prefixes, image_key)
-            except BaseException as error:
-                errors.append(error)
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="generate", daemon=True)
-        thread.start()
-        text = ""
-        try:
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text
-        finally:
-            stop.set()
-            thread.join()
-        if errors:
-            raise errors[0]
-
-    @torch.no_grad()
-    def greedy_without_cache(
-        self, input_ids: Sequence[int], image_embeds: torch.Tensor | None, max_new_tokens: int
-    ) -> list[int]:
-        """The original project's decoding: a full forward over the whole sequence for every new token.
-
-        Kept as the reference that tests and benchmarks hold the KV-cached `generate` against.
-        """
-        embeds = self.build_inputs([input_ids], image_embeds).inputs_embeds
-        embed_tokens = self.language_model.get_input_embeddings()
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            logits = self.language_model(inputs_embeds=embeds, use_cache=False).logits[0, -1]
-            token = int(logits.argmax())
-            tokens.append(token)
-            if token == self.eos_token_id:
-                break
-            next_embed = embed_tokens(torch.tensor([[token]], device=self.device))
-            embeds = torch.cat([embeds, next_embed], dim=1)
-        return tokens
-
-
-def position_keys(input_ids: Sequence[int], image_key: object, image_tokens: int) -> list:
-    """One key per position of the spliced sequence: a token id, or (image key, patch index)."""
-    keys: list = []
-    for token in input_ids:
-        keys += [(image_key, patch) for patch in range(image_tokens)] if token == IMAGE_PLACEHOLDER_ID else [token]
-    return keys
 
 
 class PrefixCache:
     """KV caches of the last few generations, reusable by a prompt that starts the same way.
 
     A follow-up question's prompt repeats the conversation so far, so the cache of the previous turn
-    (prompt + answer) covers most of it; only the new part is computed. Holds `size` caches (each up
-    to ~0.65 MB per position for phi-2 in fp32); one generation at a time uses it.
+    (prompt + answer) covers most of it; only the new part is computed. An entry is keyed by its ids
+    and its image: image positions only match the same image's. Holds `size` caches (each up to
+    2 × 32 layers × 2560 × 4 bytes ≈ 0.65 MB per position for phi-2 in fp32); one generation at a time uses it.
     """
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self.entries: list[tuple[list, DynamicCache]] = []
+        self.entries: list[tuple[list[int], object, DynamicCache]] = []
         self.lock = threading.Lock()
-        self.reused = 0  # positions not recomputed by the last `take`, for tests and benchmarks
 
-    def take(self, keys: list) -> DynamicCache | None:
-        """Remove and return the cache sharing the longest prefix with `keys`, cut to that prefix."""
+    def take(self, input_ids: Sequence[int], image_key: object) -> DynamicCache | None:
+        """Remove and return the cache sharing the longest prefix with `input_ids`, cut to that prefix."""
         with self.lock:
             best, length = None, 0
-            for index, (cached, _) in enumerate(self.entries):
-                shared = _common_prefix(cached, keys)
+            for index, (cached, cached_image, _) in enumerate(self.entries):
+                shared = _shared_prefix(cached, cached_image, input_ids, image_key)
                 if shared > length:
                     best, length = index, shared
-            self.reused = min(length, len(keys) - 1)  # at least one position must be fed to get logits
-            if best is None or self.reused == 0:
+            length = min(length, len(input_ids) - 1)  # at least one position must be fed to get logits
+            if best is None or length == 0:
                 return None
-            _, cache = self.entries.pop(best)
-        surplus = cache.get_seq_length() - self.reused
+            _, _, cache = self.entries.pop(best)
+        surplus = cache.get_seq_length() - length
         if surplus > 0:
             cache.crop(-surplus)  # transformers 5 crops by the number of positions to drop
         return cache
 
-    def put(self, keys: list, cache: DynamicCache) -> None:
-        """Keep `cache`, which covers the first `cache.get_seq_length()` of `keys` (the last token is not fed)."""
+    def put(self, ids: Sequence[int], image_key: object, cache: DynamicCache) -> None:
+        """Keep `cache`, which covers the first `cache.get_seq_length()` of `ids` (the last token is not fed)."""
         with self.lock:
-            self.entries.append((keys[: cache.get_seq_length()], cache))
+            self.entries.append((list(ids[: cache.get_seq_length()]), image_key, cache))
             del self.entries[: -self.size]
 
 
-def _common_prefix(a: list, b: list) -> int:
+def _shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: object) -> int:
+    """Leading positions two prompts share; with different images, only those before the first image position."""
     length = 0
     for x, y in zip(a, b, strict=False):
-        if x != y:
+        if x != y or (x == IMAGE_PLACEHOLDER_ID and a_image != b_image):
             break
         length += 1
     return length
@@ -295,21 +223,3 @@ class _EventStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _right_pad(embeds: list[torch.Tensor], labels: list[torch.Tensor] | None) -> MultimodalInputs:
-    length = max(len(row) for row in embeds)
-    pads = [length - len(row) for row in embeds]
-    batch_embeds = torch.stack([F.pad(row, (0, 0, 0, pad)) for row, pad in zip(embeds, pads, strict=True)])
-    attention_mask = torch.stack(
-        [
-            F.pad(torch.ones(len(row), dtype=torch.long, device=row.device), (0, pad))
-            for row, pad in zip(embeds, pads, strict=True)
-        ]
-    )
-    batch_labels = None
-    if labels is not None:
-        batch_labels = torch.stack(
-            [F.pad(row, (0, pad), value=IGNORE_INDEX) for row, pad in zip(labels, pads, strict=True)]
-        )
-    return MultimodalInputs(batch_embeds, attention_mask, batch_labels)

@@ -5,15 +5,14 @@ the state dict of a `torch.nn.Linear(640, 2560)`, and `model_chkpt/qlora_adaptor
 adapter for microsoft/phi-2. Its input: TinyCLIP's last hidden layer without CLS → the linear
 projector → the embedding of token 23893 (" comment") → the question's tokens, decoded greedily.
 The import reproduces that exactly: a linear projector, feature layer -1, and the `original` template.
-
-    python -m inference.original [--checkpoint FOLDER] [--out FOLDER]
+`app.py` calls `original_weights()` when it has nothing else to serve; the command line is
+`python -m training.import_original [--checkpoint FOLDER] [--out FOLDER]`.
 
 Tensors are read with `torch.load(weights_only=True)` only, and written back as safetensors.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from huggingface_hub.constants import HF_HOME
 from safetensors.torch import save_file
 from torch import nn
 
+from inference.cards import weights_card
 from inference.config import (
     PHI2_ID,
     TINYCLIP_ID,
@@ -37,7 +37,7 @@ from inference.config import (
     TemplateName,
     atomic_write_text,
 )
-from inference.hub import error_reason, model_card
+from inference.hub import error_reason
 from inference.loading import save_weights
 
 ORIGINAL_SPACE = "MadhurGarg/multi-modalLLM"
@@ -74,26 +74,18 @@ def import_original(
         training={
             "stage": "imported",
             "source": f"https://huggingface.co/spaces/{ORIGINAL_SPACE}",
-            "note": "the ERA-V1 capstone's projector and QLoRA adapter, converted by inference.original",
+            "note": (
+                f"The projector and QLoRA adapter published by the ERA-V1 capstone project (Space `{ORIGINAL_SPACE}`), "
+                "converted to this project's weights format: TinyCLIP's last-layer patch features, a linear "
+                "projector, the embedding of token 23893 as a separator, then the question"
+            ),
+            "command": "python -m training.import_original",
         },
     )
     with tempfile.TemporaryDirectory() as staging:
         converted = _convert_adapter(adapter, Path(staging) / "adapter", language_model)
         folder = save_weights(folder, manifest, projector, adapter_files=converted)
-    card = model_card(
-        manifest,
-        title="The original project's checkpoint, converted",
-        summary=(
-            f"The projector and QLoRA adapter published by the ERA-V1 capstone project (Space `{ORIGINAL_SPACE}`), "
-            "converted to this project's weights format: TinyCLIP's last-layer patch features, a linear "
-            "projector, the embedding of token 23893 as a separator, then the question."
-        ),
-        base_models=[language_model, vision_model],
-        library_name="peft",
-        pipeline_tag="image-text-to-text",
-        command="python -m inference.original",
-    )
-    atomic_write_text(folder / "README.md", card)
+    atomic_write_text(folder / "README.md", weights_card(folder))
     return folder
 
 
@@ -144,19 +136,3 @@ def original_weights(folder: str | Path | None = None) -> Path:
             f"the original checkpoint could not be downloaded from Space {ORIGINAL_SPACE}: {error_reason(error)}"
         ) from None
     return import_original(snapshot, folder)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a local copy of the Space (default: download it)")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_FOLDER, help="weights folder to write (default: %(default)s)"
-    )
-    args = parser.parse_args(argv)
-    folder = import_original(args.checkpoint, args.out) if args.checkpoint else original_weights(args.out)
-    print(f"imported the original checkpoint into {folder}; serve it with: python app.py --weights {folder}")
-    return folder
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,10 @@
 """The language model's precision on the CPU: int8 (the default), bf16 or fp32.
 
-Chosen by measurement (`benchmarks/cpu_inference.py`, README "Fast answers on the CPU"): decoding
-reads every weight once per token, so it is bound by memory bandwidth, and int8 weights are a quarter
-of fp32's bytes. Dynamic int8 keeps activations in fp32 and quantizes them per token; weights are
-quantized per output channel, which kept greedy answers identical to fp32 in the measurements.
+Chosen by measurement (`benchmarks/cpu_inference.py` writes the numbers to benchmarks/RESULTS.md and
+README "Fast answers on the CPU"): decoding reads every weight once per token, so it is bound by
+memory bandwidth, and int8 weights are a quarter of fp32's bytes. torch.ao's dynamic int8 Linear
+quantizes its input with one scale for the whole tensor (per tensor, not per token: in a prefill the
+largest activation of any position sets it); weights are quantized per output channel.
 
 Quantization runs one decoder layer at a time from the bf16 model (LoRA already merged), so the
 whole-model fp32 copy that a one-shot `quantize_dynamic(model)` needs is never made.
@@ -48,7 +49,7 @@ def returning_freed_memory():
     them when freed: phi-2's 13 MB bf16 and 26 MB fp32 attention weights would stay resident after
     conversion, on top of the new int8 ones. A fixed 1 MB threshold maps each tensor on its own; after
     the conversion the threshold goes back up, so generation's many small allocations stay cheap.
-    Measured on phi-2's shape: 0.5 GB off the load peak; `release_pages` does the rest (9.9 → 6.1 GB).
+    Together with `release_pages` this sets the load peak that `benchmarks/cpu_inference.py` reports.
     """
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         yield

@@ -1,9 +1,11 @@
-"""Chat templates: a conversation → token ids with one image placeholder, and the supervision rule.
+"""Chat templates: a conversation → token ids with the image's positions, and the supervision rule.
 
-This is the one definition used by both training and serving. The image placeholder is inserted as an
-id (`IMAGE_PLACEHOLDER_ID`), never parsed from text, and user text is tokenised with special-token
-strings split into plain text: nothing a user types can create an image slot or an end-of-text token.
-Only assistant answers and the `<|endoftext|>` that ends each of them are supervised.
+This is the one definition used by both training and serving. The image becomes `image_tokens`
+placeholder ids (`IMAGE_PLACEHOLDER_ID`), one per patch embedding the model scatters in, as
+transformers' `LlavaProcessor` expands `<image>`: every length and budget then counts the positions the
+model sees. Placeholders are inserted as ids, never parsed from text, and user text is tokenised with
+special-token strings split into plain text: nothing a user types can create an image slot or an
+end-of-text token. Only assistant answers and the `<|endoftext|>` that ends each of them are supervised.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.config import TemplateName
 
-IMAGE_PLACEHOLDER_ID = -200  # not a token: marks where the image embeddings are spliced in
+IMAGE_PLACEHOLDER_ID = -200  # not a token: marks each position that takes one image patch embedding
 IGNORE_INDEX = -100  # label value that cross-entropy ignores (PyTorch's default ignore_index)
 IMAGE_MARKER = "<image>"  # where the image goes in LLaVA-style data files; never parsed in user text
 
@@ -75,7 +77,7 @@ def _is_message(message: Any, role: str) -> bool:
 
 @dataclass(frozen=True)
 class Rendered:
-    input_ids: list[int]  # token ids, with IMAGE_PLACEHOLDER_ID where the image goes
+    input_ids: list[int]  # token ids, with `image_tokens` × IMAGE_PLACEHOLDER_ID where the image goes
     labels: list[int]  # same length; IGNORE_INDEX wherever the model is not supervised
 
 
@@ -146,8 +148,15 @@ def render(
     conversation: Conversation,
     tokenizer: PreTrainedTokenizerBase,
     add_generation_prompt: bool = False,
+    *,
+    image_tokens: int,
 ) -> Rendered:
-    """Conversation → ids and labels. With `add_generation_prompt` the last turn is the one being asked."""
+    """Conversation → ids and labels, the image as `image_tokens` positions.
+
+    With `add_generation_prompt` the last turn is the one being asked.
+    """
+    if image_tokens <= 0:
+        raise ValueError(f"image_tokens must be positive, got {image_tokens}")
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError("the tokenizer has no end-of-text token")
@@ -155,7 +164,7 @@ def render(
     labels: list[int] = []
     for content, supervised in TEMPLATES[TemplateName(template)](conversation, add_generation_prompt):
         if content is _IMAGE:
-            ids = [IMAGE_PLACEHOLDER_ID]
+            ids = [IMAGE_PLACEHOLDER_ID] * image_tokens
         elif content is _END:
             ids = [eos_id]
         elif isinstance(content, _Ids):

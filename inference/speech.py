@@ -11,8 +11,8 @@ import whisper
 
 WHISPER_RATE = whisper.audio.SAMPLE_RATE  # 16 kHz: what whisper's mel front end expects
 WINDOW_SECONDS = whisper.audio.CHUNK_LENGTH  # 30 s: whisper decodes one window at a time
-# base.en (72M): 0.86 s for a 20-token question on 2 threads here, 3.5× faster than small.en and
-# 0.3 s slower than the less accurate tiny.en (benchmarks/whisper_sizes.py).
+# base.en: the size that `benchmarks/whisper_sizes.py` showed to transcribe a short question fast
+# enough on 2 CPU threads, well ahead of small.en and more accurate than tiny.en (README, Benchmarks).
 DEFAULT_WHISPER = "base.en"
 MIN_SECONDS = 0.1  # shorter than this holds no word
 SILENCE_PEAK = 1e-3  # peak amplitude (full scale = 1.0) below which a recording is treated as silent

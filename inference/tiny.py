@@ -8,7 +8,7 @@ without downloads (its answers are meaningless); the tests build their fixtures 
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cache
 from pathlib import Path
 
@@ -16,11 +16,12 @@ import torch
 import whisper
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPVisionConfig, CLIPVisionModel, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerFast
 
-from inference.config import Manifest, ProjectorConfig, ProjectorType, TemplateName
-from inference.loading import save_weights
+from inference.config import ProjectorType, TemplateName
+from inference.loading import new_manifest, save_weights
 from inference.projector import build_projector
+from inference.shapes import PHI2, TINYCLIP_61M, WHISPER_SHAPES
 
 EOS = "<|endoftext|>"
 GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's (and phi-2's) vocabulary
@@ -90,19 +91,19 @@ def build_gpt2_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_phi(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
-    """A 2-layer `PhiForCausalLM` with phi-2's structure (partial rotary, biases), saved with its tokenizer."""
+    """A 2-layer `PhiForCausalLM`: phi-2's shape shrunk (partial rotary, biases, context), saved with its tokenizer."""
     torch.manual_seed(seed)
-    config = PhiConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as phi-2's 51200 is
+    shape = replace(
+        PHI2,
         hidden_size=64,  # bitsandbytes' CPU 4-bit kernels need layers at least one 64-wide block wide
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=2048,  # phi-2's context, so prompts fit as they would in production
         partial_rotary_factor=0.5,  # phi-1.5's value; phi-2's 0.4 would give an odd rotary size here
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as phi-2's 51200 is
+        resid_pdrop=0.0,  # deterministic training in the tests that compare runs
     )
+    config = shape.config(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = PhiForCausalLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -110,22 +111,16 @@ def build_tiny_phi(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int =
 
 
 def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
-    """A 2-layer `CLIPVisionModel` with TinyCLIP's geometry: 224 px, 32 px patches → 49 patch tokens."""
+    """A 2-layer `CLIPVisionModel`: TinyCLIP's shape shrunk, with its geometry (224 px, 32 px patches → 49)."""
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=224,
-        patch_size=32,
-        projection_dim=width,
+    shape = replace(
+        TINYCLIP_61M, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2
     )
-    model = CLIPVisionModel(config)
+    model = CLIPVisionModel(shape.config())
     # CLIP's random init gives position embeddings 1/50 of the patch content's scale (std 0.02 against
     # about 1), so a random tower barely knows where a patch is; a pretrained ViT does. At half the
     # content's scale the stand-in's features carry position without drowning what the patch shows
-    # (at 1.0, shape answers fell to ~50 %; at 0.3, position answers to ~75 %).
+    # (much larger drowned the shapes, much smaller lost the positions, in the speedrun's answers).
     with torch.no_grad():
         model.embeddings.position_embedding.weight.normal_(std=0.5)
     model.save_pretrained(folder)
@@ -133,20 +128,9 @@ def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
 
 
 def build_tiny_whisper(path: Path, seed: int = 0) -> Path:
-    """A whisper checkpoint of tiny dimensions, in the `.pt` format `whisper.load_model(path)` reads."""
+    """A whisper checkpoint of base.en's structure shrunk, in the `.pt` format `whisper.load_model(path)` reads."""
     torch.manual_seed(seed)
-    dims = whisper.model.ModelDimensions(
-        n_mels=80,
-        n_audio_ctx=1500,  # 30 s of audio after the encoder's stride-2 convolution
-        n_audio_state=16,
-        n_audio_head=2,
-        n_audio_layer=1,
-        n_vocab=51864,  # the English-only vocabulary, so whisper picks its English tokenizer
-        n_text_ctx=448,
-        n_text_state=16,
-        n_text_head=2,
-        n_text_layer=1,
-    )
+    dims = replace(WHISPER_SHAPES["base.en"], width=16, heads=2, layers=1).dimensions()
     model = whisper.model.Whisper(dims)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path
@@ -170,23 +154,14 @@ def build_weights_folder(
     name: str = "tiny-test-weights",
 ) -> Path:
     """A complete weights folder over tiny base models: manifest, random projector, optional random LoRA."""
-    language_model = PhiForCausalLM.from_pretrained(phi_dir)
-    vision = CLIPVisionConfig.from_pretrained(clip_dir)
-    projector_config = ProjectorConfig(projector_type, vision.hidden_size, language_model.config.hidden_size)
-    torch.manual_seed(seed)
-    manifest = Manifest(
-        name=name,
-        language_model=str(phi_dir),
-        vision_model=str(clip_dir),
-        vision_feature_layer=feature_layer,
-        image_tokens=(vision.image_size // vision.patch_size) ** 2,
-        projector=projector_config,
-        template=TemplateName.PHI2_CHAT,
-        adapter=adapter,
-        training={"stage": "test kit", "note": "random weights"},
+    manifest = new_manifest(
+        name, str(phi_dir), str(clip_dir), feature_layer, projector_type, TemplateName.PHI2_CHAT, adapter
     )
+    manifest = replace(manifest, training={"stage": "test kit", "note": "random weights"})
+    language_model = PhiForCausalLM.from_pretrained(phi_dir)
+    torch.manual_seed(seed)
     lora = random_lora(language_model, seed) if adapter else None
-    return save_weights(folder, manifest, build_projector(projector_config), lora)
+    return save_weights(folder, manifest, build_projector(manifest.projector), lora)
 
 
 def build_demo_weights(folder: Path) -> tuple[Path, Path]:

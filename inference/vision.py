@@ -89,11 +89,33 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
 
 
+def image_problem(path: Path) -> str | None:
+    """None if the file opens as an image and its structure checks out, else why not ('missing' or 'corrupt').
+
+    Cheaper than decoding (`load_image`): for checking a data set's hundred thousand files up front.
+    """
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # PIL raises many types for broken files
+        return "corrupt"
+    return None
+
+
 def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """PIL images → normalised pixels (B, 3, size, size): shortest side to `size`, centre crop."""
+    """Any PIL images → normalised pixels (B, 3, size, size): upright RGB, shortest side to `size`, centre crop."""
+    return pixel_values([to_rgb(image) for image in images], size)
+
+
+def pixel_values(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """RGB images (from `to_rgb`) → normalised pixels (B, 3, size, size): shortest side to `size`, centre crop."""
     if not images:
         raise ImageError("no image given")
-    batch = np.stack([_resize_and_crop(to_rgb(image), size) for image in images])
+    if any(image.mode != "RGB" for image in images):
+        raise ImageError("pixel_values takes RGB images; convert with to_rgb (or call preprocess)")
+    batch = np.stack([_resize_and_crop(image, size) for image in images])
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -137,9 +159,6 @@ class VisionTower(nn.Module):
     @property
     def width(self) -> int:
         return self.model.config.hidden_size
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return preprocess(images, self.image_size)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,10 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PhiForCausalLM, PreTrainedTokenizerFast
 
-from inference.prompt import PHI2_SYSTEM
+from inference.config import TemplateName
+from inference.prompt import PHI2_SYSTEM, Conversation, Turn, render
 from inference.tiny import EOS, wrap_tokenizer
+from inference.vision import preprocess
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,3 +148,33 @@ def serving_app(args: list[str], log_path: Path, timeout: float = 180.0) -> Iter
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@torch.no_grad()
+def greedy_without_cache(model, input_ids: list[int], image_embeds, max_new_tokens: int) -> list[int]:
+    """The original project's decoding: a full forward over the whole sequence for every new token.
+
+    The reference that the KV-cached `MultimodalPhi.generate` is held against.
+    """
+    embeds = model.build_inputs([input_ids], image_embeds).inputs_embeds
+    embed_tokens = model.language_model.get_input_embeddings()
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model.language_model(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token == model.eos_token_id:
+            break
+        embeds = torch.cat([embeds, embed_tokens(torch.tensor([[token]], device=model.device))], dim=1)
+    return tokens
+
+
+def pixels(model, *images: Image.Image) -> torch.Tensor:
+    """Images → the model's vision tower input (as the assistant and the collator make it)."""
+    return preprocess(list(images), model.vision_tower.image_size)
+
+
+def prompt_ids(tokenizer, question: str = "What is in this picture?", image_tokens: int = 49) -> list[int]:
+    """The phi-2 chat prompt for one question about an image of `image_tokens` patches."""
+    conversation = Conversation((Turn(question),))
+    return render(TemplateName.PHI2_CHAT, conversation, tokenizer, True, image_tokens=image_tokens).input_ids

@@ -3,7 +3,8 @@
     python -m tests.speedrun --out runs/speedrun --seed 0
 
 Tiny random models stand in for phi-2 and TinyCLIP (nothing is downloaded). The steps are the real
-command-line entry points: a text-only warm-up of the language model (phi-2 arrives pretrained; see
+entry points, called through their typed functions (`prepare(...)`, `run(Config(...))`, what each command
+line runs): a text-only warm-up of the language model (phi-2 arrives pretrained; see
 tests/synthetic_shapes.language_texts) → training.prepare_coco → training.prepare_instruct →
 training.cache_features → training.stage1_align → training.stage2_instruct (4-bit QLoRA) → the
 weights folder → Assistant (the app's path) answering every held-out question. Prints accuracy per
@@ -27,9 +28,11 @@ from inference.config import ProjectorType
 from tests import kit
 from tests.synthetic_shapes import QUESTIONS, language_texts, make_dataset
 from training import cache_features, evaluate, prepare_coco, prepare_instruct, stage1_align, stage2_instruct
+from training.stage1_align import Stage1Config
+from training.stage2_instruct import Stage2Config
 
 KIND_OF_QUESTION = {question: kind for kind, (question, _) in QUESTIONS.items()}
-COMMON = ["--num-workers", "0", "--samples", "2", "--log-every", "5", "--warmup-ratio", "0.05"]
+COMMON = dict(num_workers=0, samples=2, log_every=5, warmup_ratio=0.05, batch_size=8, global_batch_size=16)
 
 
 def accuracy_by_kind(report: dict) -> dict[str, float]:
@@ -61,17 +64,15 @@ def run(
     )
     vision_model = tiny.build_tiny_clip(out / "models" / "clip", seed, clip_width)
 
-    prepare_coco.main(["--coco-dir", str(data), "--out", str(data / "llava")])
+    llava = data / "llava"
+    prepare_coco.prepare(data, llava)
     for split in ("train", "val"):
-        prepare_instruct.main([
-            "--data", str(data / f"instruct_{split}.json"), "--image-folder", str(data),
-            "--image-prefix", f"{split}2017", "--out", str(data / "llava" / f"instruct_{split}.json"),
-        ])  # fmt: skip
-    data_files = [str(data / "llava" / name) for name in sorted(os.listdir(data / "llava"))]
-    cache_features.main([
-        "--data", *data_files, "--image-folder", str(data), "--out", str(data / "features"),
-        "--vision-model", str(vision_model), "--num-workers", "0", "--feature-layer", str(feature_layer),
-    ])  # fmt: skip
+        prepare_instruct.prepare(
+            data / f"instruct_{split}.json", data, llava / f"instruct_{split}.json", f"{split}2017"
+        )
+    data_files = [llava / name for name in sorted(os.listdir(llava))]
+    cache_features.build_cache(data_files, data, data / "features", str(vision_model), feature_layer, num_workers=0)
+    cached = dict(image_folder=str(data), feature_cache=str(data / "features"), seed=seed, save_every=1000)
 
     # Before training: the same language model with a fresh projector and no adapter.
     untrained = tiny.build_weights_folder(
@@ -83,28 +84,39 @@ def run(
         seed=seed,
         feature_layer=feature_layer,
     )
-    held_out = data / "llava" / "instruct_val.json"
+    held_out = llava / "instruct_val.json"
     before = evaluate.evaluate(untrained, held_out, data, max_new_tokens=6)
 
-    stage1_align.main([
-        "--train-data", str(data / "llava" / "coco_captions_train2017.json"),
-        "--eval-data", str(data / "llava" / "coco_captions_val2017.json"),
-        "--image-folder", str(data), "--feature-cache", str(data / "features"),
-        "--language-model", str(language_model), "--vision-model", str(vision_model),
-        "--vision-feature-layer", str(feature_layer),
-        "--output-dir", str(out / "stage1"), "--seed", str(seed), "--epochs", str(stage1_epochs),
-        "--batch-size", "8", "--global-batch-size", "16", "--lr", "1e-2", "--eval-every", "20", "--save-every", "1000",
-        *COMMON,
-    ])  # fmt: skip
-    stage2_instruct.main([
-        "--stage1-weights", str(out / "stage1" / "weights"),
-        "--train-data", str(data / "llava" / "instruct_train.json"), "--eval-data", str(held_out),
-        "--image-folder", str(data), "--feature-cache", str(data / "features"),
-        "--output-dir", str(out / "stage2"), "--seed", str(seed), "--epochs", str(stage2_epochs),
-        "--batch-size", "8", "--global-batch-size", "16", "--lr", "1e-2", "--projector-lr", "1e-2",
-        "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--eval-every", "30", "--save-every", "1000",
-        *COMMON,
-    ])  # fmt: skip
+    stage1 = Stage1Config(
+        train_data=str(llava / "coco_captions_train2017.json"),
+        eval_data=str(llava / "coco_captions_val2017.json"),
+        language_model=str(language_model),
+        vision_model=str(vision_model),
+        vision_feature_layer=feature_layer,
+        output_dir=str(out / "stage1"),
+        epochs=stage1_epochs,
+        lr=1e-2,
+        eval_every=20,
+        **cached,
+        **COMMON,
+    )
+    stage1_align.run(stage1)
+    stage2 = Stage2Config(
+        stage1_weights=str(out / "stage1" / "weights"),
+        train_data=str(llava / "instruct_train.json"),
+        eval_data=str(held_out),
+        output_dir=str(out / "stage2"),
+        epochs=stage2_epochs,
+        lr=1e-2,
+        projector_lr=1e-2,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        eval_every=30,
+        **cached,
+        **COMMON,
+    )
+    stage2_instruct.run(stage2)
     after = evaluate.evaluate(out / "stage2" / "weights", held_out, data, max_new_tokens=6)
     result = {"untrained": accuracy_by_kind(before), "trained": accuracy_by_kind(after)}
     (out / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")

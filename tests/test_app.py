@@ -1,3 +1,5 @@
+import re
+
 import gradio as gr
 import pytest
 
@@ -64,6 +66,9 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert app.parse_args(["--weights", "other"]).weights == "other"
 
 
-def test_startup_without_weights_says_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match=r"(?s)Cannot start.*does not exist.*--weights.*--demo"):
+def test_startup_without_weights_says_what_to_do_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
         app.main(["--weights", str(tmp_path / "missing")])
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"error: cannot start: .*missing does not exist.*--weights.*--demo", line)

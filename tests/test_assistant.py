@@ -1,13 +1,16 @@
 import io
 import itertools
+import threading
 
 import pytest
+import torch
 from PIL import Image
 
 from inference import Assistant, GenerationOptions, InputError
 from inference.config import TemplateName
+from inference.model import PrefixCache
 from inference.prompt import Conversation, Turn, render
-from tests.kit import make_shape_image
+from tests.kit import make_shape_image, pixels, prompt_ids
 
 SHORT = GenerationOptions(max_new_tokens=8)
 
@@ -25,13 +28,9 @@ def test_chat_streams_a_growing_answer_to_a_typed_question(assistant):
     assert all(longer.startswith(shorter) for shorter, longer in itertools.pairwise(answers))
     assert replies[-1].transcript is None and replies[-1].notice is None
     # The answer is what the model generates for the rendered prompt, decoded.
-    prompt = render(
-        TemplateName.PHI2_CHAT,
-        Conversation((Turn("What is in this picture?"),)),
-        assistant.tokenizer,
-        add_generation_prompt=True,
-    )
-    tokens = assistant.model.generate(prompt.input_ids, assistant.image_embeds(make_shape_image("red")), SHORT)
+    model = assistant.model
+    image_embeds = model.encode_images(pixels(model, make_shape_image("red")))
+    tokens = model.generate(prompt_ids(assistant.tokenizer), image_embeds, SHORT)
     assert replies[-1].answer == assistant.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
@@ -104,18 +103,85 @@ def test_oldest_history_is_dropped_when_the_context_is_full(assistant):
     assert context == 2048
 
 
-def test_follow_up_questions_reuse_the_kv_cache_and_answer_as_without_it(loaded):
+def reused_positions(prefixes: PrefixCache, monkeypatch) -> list[int]:
+    """Records how many positions each `take` hands back already computed."""
+    reused, take = [], prefixes.take
+
+    def recording_take(input_ids, image_key):
+        cache = take(input_ids, image_key)
+        reused.append(0 if cache is None else cache.get_seq_length())
+        return cache
+
+    monkeypatch.setattr(prefixes, "take", recording_take)
+    return reused
+
+
+def test_follow_up_questions_reuse_the_kv_cache_and_answer_as_without_it(loaded, monkeypatch):
     reusing = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
-    image, history, reused = make_shape_image("blue"), [], []
+    reused = reused_positions(reusing.prefixes, monkeypatch)
+    image, history = make_shape_image("blue"), []
     options = GenerationOptions(max_new_tokens=12)
     for question in ("What colour is it?", "Where is it?", "Is it round?"):
         answer = list(reusing.chat(history, image, text=question, options=options))[-1].answer
-        reused.append(reusing.prefixes.reused)
         fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
         assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
         history.append((question, answer))
-    first_prompt = len(reusing._prompt([], "What colour is it?", options)[0]) + loaded.manifest.image_tokens - 1
-    assert reused[0] == 0 and reused[1] >= first_prompt and reused[2] > reused[1]
+    first_prompt = prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    assert reused[0] == 0 and reused[1] >= len(first_prompt) and reused[2] > reused[1]
     # Another image: only the text before the image (the system prompt) is shared.
     list(reusing.chat([], make_shape_image("green"), text="What colour is it?", options=options))
-    assert 0 < reusing.prefixes.reused < first_prompt - loaded.manifest.image_tokens
+    assert 0 < reused[3] == first_prompt.index(-200)
+
+
+def overfit(model, tokenizer, conversation, image, steps=150):
+    """Train the tiny model on one example until it repeats the answer (and its end token) greedily."""
+    rendered = render(TemplateName.PHI2_CHAT, conversation, tokenizer, image_tokens=model.vision_tower.num_patches)
+    features = model.vision_tower(pixels(model, image))
+    parameters = [*model.language_model.parameters(), *model.projector.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)  # peft leaves the merged base model frozen
+    optimizer = torch.optim.Adam(parameters, lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model([rendered.input_ids], [rendered.labels], image_features=features).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item()
+
+
+def test_streaming_grows_the_answer_and_stops_at_end_of_text(assistant):
+    answer = "A red circle on the left."
+    image = make_shape_image("red")
+    conversation = Conversation((Turn("What is in this picture?", answer),))
+    model, loss = overfit(assistant.model, assistant.tokenizer, conversation, image)
+    assert loss < 0.05
+    options = GenerationOptions(max_new_tokens=64)
+
+    texts = [reply.answer for reply in assistant.chat([], image, text="What is in this picture?", options=options)]
+    assert texts[-1].strip() == answer
+    assert len(texts) > 2
+    for shorter, longer in itertools.pairwise(texts[1:]):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+    tokens = model.generate(prompt_ids(assistant.tokenizer), model.encode_images(pixels(model, image)), options)
+    assert tokens[-1] == model.eos_token_id and len(tokens) < options.max_new_tokens
+    assert assistant.tokenizer.decode(tokens[:-1]).strip() == answer
+
+
+def test_closing_the_stream_stops_generation(assistant):
+    replies = assistant.chat([], make_shape_image("red"), text="What?", options=GenerationOptions(max_new_tokens=256))
+    next(replies)  # the empty reply, before generation starts
+    next(replies)  # the first piece of the answer
+    before = {thread for thread in threading.enumerate() if thread.name == "generate"}
+    assert before
+    replies.close()
+    assert not any(thread.is_alive() for thread in before)
+
+
+def test_errors_in_generation_reach_the_reader(assistant, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(assistant.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        list(assistant.chat([], make_shape_image("red"), text="What?", options=SHORT))

@@ -16,14 +16,14 @@ from transformers import AutoTokenizer, CLIPVisionModel, PhiForCausalLM
 
 import app
 from inference import Assistant, GenerationOptions, hub, original
+from inference.cards import weights_card
 from inference.config import PHI2_ID, TINYCLIP_ID, Manifest, ManifestError, ProjectorConfig, TemplateName
 from inference.loading import load_weights
 from inference.projector import PROJECTOR_FILE
 from inference.tiny import random_lora
 from inference.vision import preprocess
 from tests.kit import make_shape_image
-from training import push
-from training.push import weights_card
+from training import publish, push
 
 TOKEN = "hf_SecretToken0123456789abcdef"
 
@@ -46,7 +46,7 @@ def saved(weights_dir, tmp_path) -> Path:
     folder = tmp_path / "weights"
     shutil.copytree(weights_dir, folder)
     (tmp_path / "log.csv").write_text("step,train_loss\n1,2.0\n")
-    hub.complete_folder(folder, tmp_path, weights_card(folder, {"steps": 1, "final_train_loss": 2.0}))
+    publish.complete_folder(folder, tmp_path, weights_card(folder, {"steps": 1, "final_train_loss": 2.0}))
     return folder
 
 
@@ -94,7 +94,7 @@ class FakeHub:
 
 def test_push_uploads_exactly_the_folder_in_one_commit(saved):
     fake, logged = FakeHub(), []
-    url = hub.push_folder(saved, "me/tiny", private=True, api=fake, log=logged.append)
+    url = publish.push_folder(saved, "me/tiny", private=True, api=fake, log=logged.append)
     assert url == "https://huggingface.co/me/tiny"
     assert fake.repos == [("me/tiny", {"private": True, "exist_ok": True, "repo_type": "model"})]
     assert len(fake.commits) == 1 and fake.commits[0][2] == folder_digest(saved)
@@ -107,14 +107,14 @@ def test_failing_push_is_retried_then_reported_without_the_token(saved, monkeypa
     before = folder_digest(saved)
     flaky = FakeHub([ConnectionError(f"reset (Authorization: Bearer {TOKEN})")])
     waits = []
-    hub.push_folder(saved, "me/tiny", api=flaky, wait=waits.append)
+    publish.push_folder(saved, "me/tiny", api=flaky, wait=waits.append)
     assert len(flaky.commits) == 1 and waits == [2.0]
 
-    down = FakeHub([TimeoutError(f"timed out for {TOKEN}")] * hub.PUSH_ATTEMPTS)
-    with pytest.raises(hub.PublishError) as raised:
-        hub.push_folder(saved, "me/tiny", api=down, wait=waits.append)
+    down = FakeHub([TimeoutError(f"timed out for {TOKEN}")] * publish.PUSH_ATTEMPTS)
+    with pytest.raises(publish.PublishError) as raised:
+        publish.push_folder(saved, "me/tiny", api=down, wait=waits.append)
     message = str(raised.value)
-    assert f"after {hub.PUSH_ATTEMPTS} attempts" in message and "folder is intact" in message
+    assert f"after {publish.PUSH_ATTEMPTS} attempts" in message and "folder is intact" in message
     assert "python -m training.push" in message
     assert TOKEN not in message and TOKEN not in capsys.readouterr().out
     assert folder_digest(saved) == before and not down.commits
@@ -122,15 +122,15 @@ def test_failing_push_is_retried_then_reported_without_the_token(saved, monkeypa
 
 def test_errors_a_retry_cannot_fix_fail_at_once(saved):
     refused = FakeHub([PermissionError("403 Forbidden: you cannot write to me/tiny")])
-    with pytest.raises(hub.PublishError, match=r"after 1 attempt\)"):
-        hub.push_folder(saved, "me/tiny", api=refused, wait=lambda seconds: pytest.fail("retried"))
-    with pytest.raises(hub.PublishError, match="not a Hub repo id"):
-        hub.push_folder(saved, "not a repo", api=FakeHub())
+    with pytest.raises(publish.PublishError, match=r"after 1 attempt\)"):
+        publish.push_folder(saved, "me/tiny", api=refused, wait=lambda seconds: pytest.fail("retried"))
+    with pytest.raises(publish.PublishError, match="not a Hub repo id"):
+        publish.push_folder(saved, "not a repo", api=FakeHub())
 
 
 def test_push_command_pushes_an_existing_folder(saved, monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(hub, "HfApi", lambda: fake)
+    monkeypatch.setattr(publish, "HfApi", lambda: fake)
     assert push.main([str(saved), "me/tiny", "--message", "by hand"]) == "https://huggingface.co/me/tiny"
     assert fake.commits[0][1] == "by hand"
 
@@ -238,14 +238,17 @@ def test_a_broken_original_checkpoint_is_refused(tmp_path):
         original.import_original(tmp_path / "elsewhere", tmp_path / "out")
 
 
-def test_app_defaults_to_trained_weights_then_the_original_then_says_what_to_do(weights_dir, tmp_path, monkeypatch):
+def test_app_defaults_to_trained_weights_then_the_original_then_says_what_to_do(
+    weights_dir, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(app, "DEFAULT_WEIGHTS", tmp_path / "weights")  # no manifest yet
     monkeypatch.setattr(original, "DEFAULT_FOLDER", tmp_path / "original")  # nothing imported, offline
     monkeypatch.delenv("WEIGHTS", raising=False)
     with pytest.raises(SystemExit) as stopped:
         app.main([])
-    message = str(stopped.value)
-    assert "could not be downloaded" in message
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1 and "could not be downloaded" in message
     assert all(advice in message for advice in ("Train", "--weights", "--demo"))
 
     shutil.copytree(weights_dir, tmp_path / "original")  # as if imported on an earlier, online start

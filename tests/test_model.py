@@ -1,6 +1,3 @@
-import itertools
-import threading
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -10,7 +7,9 @@ from inference.config import GenerationOptions, TemplateName
 from inference.model import MultimodalPhi
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
 from inference.tiny import random_lora
-from tests.kit import make_shape_image
+from tests.kit import greedy_without_cache, make_shape_image, pixels, prompt_ids
+
+IMAGE = IMAGE_PLACEHOLDER_ID
 
 
 @pytest.fixture
@@ -19,63 +18,65 @@ def model(loaded) -> MultimodalPhi:
 
 
 def image_embeds_for(model, *colours):
-    pixels = model.vision_tower.preprocess([make_shape_image(colour) for colour in colours])
-    return model.encode_images(pixels)
+    return model.encode_images(pixels(model, *[make_shape_image(colour) for colour in colours]))
 
 
-def test_image_embeddings_land_exactly_at_the_placeholder(model):
+def test_image_embeddings_are_scattered_into_the_placeholder_positions(model):
     image_embeds = image_embeds_for(model, "red", "blue")
-    first = [5, 6, IMAGE_PLACEHOLDER_ID, 7, 8, 9]
-    second = [IMAGE_PLACEHOLDER_ID, 10]
-    labels = [[IGNORE_INDEX, 6, IGNORE_INDEX, 7, 8, 9], [IGNORE_INDEX, 10]]
+    patches = image_embeds.shape[1]
+    first = [5, 6, *[IMAGE] * patches, 7, 8, 9]
+    second = [*[IMAGE] * patches, 10]
+    labels = [[IGNORE_INDEX, 6, *[IGNORE_INDEX] * patches, 7, 8, 9], [*[IGNORE_INDEX] * patches, 10]]
     inputs = model.build_inputs([first, second], image_embeds, labels)
 
-    patches = image_embeds.shape[1]
     embed = model.language_model.get_input_embeddings()
-    assert inputs.inputs_embeds.shape == (2, len(first) - 1 + patches, embed.embedding_dim)
+    assert inputs.inputs_embeds.shape == (2, len(first), embed.embedding_dim)  # positions are as rendered
     row = inputs.inputs_embeds[0]
     torch.testing.assert_close(row[:2], embed(torch.tensor([5, 6])), rtol=0, atol=0)
     torch.testing.assert_close(row[2 : 2 + patches], image_embeds[0], rtol=0, atol=0)
     torch.testing.assert_close(row[2 + patches :], embed(torch.tensor([7, 8, 9])), rtol=0, atol=0)
-    assert inputs.labels[0].tolist() == [IGNORE_INDEX, 6] + [IGNORE_INDEX] * patches + [7, 8, 9]
-    assert inputs.attention_mask[0].tolist() == [1] * inputs.inputs_embeds.shape[1]
+    assert inputs.labels[0].tolist() == labels[0]
+    assert inputs.attention_mask[0].tolist() == [1] * len(first)
 
     # The shorter second row starts with the second image and is padded on the right.
     second_row = inputs.inputs_embeds[1]
     torch.testing.assert_close(second_row[:patches], image_embeds[1], rtol=0, atol=0)
     torch.testing.assert_close(second_row[patches], embed(torch.tensor(10)), rtol=0, atol=0)
-    assert inputs.attention_mask[1].tolist() == [1] * (patches + 1) + [0] * (len(first) - len(second))
-    assert inputs.labels[1, patches + 1 :].eq(IGNORE_INDEX).all()
-    assert inputs.inputs_embeds[1, patches + 1 :].eq(0).all()
+    assert inputs.attention_mask[1].tolist() == [1] * len(second) + [0] * (len(first) - len(second))
+    assert inputs.labels[1, len(second) :].eq(IGNORE_INDEX).all()
+    assert inputs.inputs_embeds[1, len(second) :].eq(0).all()
 
 
-@pytest.mark.parametrize(("placeholders", "images"), [(1, 0), (0, 1), (2, 1), (1, 2)])
-def test_placeholders_and_images_must_agree(model, placeholders, images):
-    ids = [[IMAGE_PLACEHOLDER_ID] * placeholders + [5]]
+def test_image_positions_are_never_supervised(model):
+    image_embeds = image_embeds_for(model, "red")
+    patches = image_embeds.shape[1]
+    ids = [*[IMAGE] * patches, 5, 6]
+    inputs = model.build_inputs([ids], image_embeds, [[IMAGE] * patches + [5, 6]])  # labels copied from ids
+    assert inputs.labels[0].tolist() == [IGNORE_INDEX] * patches + [5, 6]
+
+
+@pytest.mark.parametrize(("positions", "images"), [(49, 0), (0, 1), (98, 1), (49, 2), (48, 1)])
+def test_image_positions_and_images_must_agree(model, positions, images):
+    ids = [[IMAGE] * positions + [5]]
     image_embeds = image_embeds_for(model, *["red"] * images) if images else None
-    with pytest.raises(ValueError, match=f"{placeholders} image placeholders but {images} images"):
+    with pytest.raises(ValueError, match=f"{positions} image positions but {images} images"):
         model.build_inputs(ids, image_embeds)
 
 
 def test_forward_loss_is_cross_entropy_over_the_supervised_tokens(model, bpe_tokenizer):
     conversation = Conversation((Turn("What colour is the shape?", "A red circle."),))
-    rendered = render(TemplateName.PHI2_CHAT, conversation, bpe_tokenizer)
-    pixels = model.vision_tower.preprocess([make_shape_image("red")])
-    output = model([rendered.input_ids], [rendered.labels], pixel_values=pixels)
+    rendered = render(TemplateName.PHI2_CHAT, conversation, bpe_tokenizer, image_tokens=49)
+    pixel_values = pixels(model, make_shape_image("red"))
+    output = model([rendered.input_ids], [rendered.labels], pixel_values=pixel_values)
 
-    inputs = model.build_inputs([rendered.input_ids], model.encode_images(pixels), [rendered.labels])
+    inputs = model.build_inputs([rendered.input_ids], model.encode_images(pixel_values), [rendered.labels])
     logits = model.language_model(inputs_embeds=inputs.inputs_embeds).logits
     expected = F.cross_entropy(logits[0, :-1], inputs.labels[0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss, expected)
     # Cached features give the same loss as pixels.
-    features = model.vision_tower(pixels)
+    features = model.vision_tower(pixel_values)
     from_cache = model([rendered.input_ids], [rendered.labels], image_features=features)
     torch.testing.assert_close(from_cache.loss, output.loss)
-
-
-def prompt_ids(tokenizer, question="What is in this picture?"):
-    conversation = Conversation((Turn(question),))
-    return render(TemplateName.PHI2_CHAT, conversation, tokenizer, add_generation_prompt=True).input_ids
 
 
 def test_kv_cached_generation_matches_full_recompute(model, bpe_tokenizer):
@@ -83,7 +84,7 @@ def test_kv_cached_generation_matches_full_recompute(model, bpe_tokenizer):
     image_embeds = image_embeds_for(model, "green")
     options = GenerationOptions(max_new_tokens=24)
     cached = model.generate(ids, image_embeds, options)
-    recomputed = model.greedy_without_cache(ids, image_embeds, options.max_new_tokens)
+    recomputed = greedy_without_cache(model, ids, image_embeds, options.max_new_tokens)
     assert cached == recomputed
     assert len(cached) == 24 or cached[-1] == model.eos_token_id
 
@@ -97,57 +98,6 @@ def test_sampling_is_seeded_and_differs_from_greedy(model, bpe_tokenizer):
     torch.manual_seed(1)
     assert model.generate(ids, image_embeds, sample) == first
     assert first != model.generate(ids, image_embeds, GenerationOptions(max_new_tokens=16))
-
-
-def overfit(model, tokenizer, conversation, image, steps=150):
-    """Train the tiny model on one example until it repeats the answer (and its end token) greedily."""
-    rendered = render(TemplateName.PHI2_CHAT, conversation, tokenizer)
-    features = model.vision_tower(model.vision_tower.preprocess([image]))
-    parameters = [*model.language_model.parameters(), *model.projector.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)  # peft leaves the merged base model frozen
-    optimizer = torch.optim.Adam(parameters, lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model([rendered.input_ids], [rendered.labels], image_features=features).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), loss.item()
-
-
-def test_streaming_grows_the_answer_and_stops_at_end_of_text(model, bpe_tokenizer):
-    answer = "A red circle on the left."
-    image = make_shape_image("red")
-    model, loss = overfit(model, bpe_tokenizer, Conversation((Turn("What is in this picture?", answer),)), image)
-    assert loss < 0.05
-    ids = prompt_ids(bpe_tokenizer)
-    image_embeds = model.encode_images(model.vision_tower.preprocess([image]))
-    options = GenerationOptions(max_new_tokens=64)
-
-    texts = list(model.stream(bpe_tokenizer, ids, image_embeds, options))
-    assert texts[-1].strip() == answer
-    assert len(texts) > 1
-    for shorter, longer in itertools.pairwise(texts):
-        assert longer.startswith(shorter) and len(longer) > len(shorter)
-    tokens = model.generate(ids, image_embeds, options)
-    assert tokens[-1] == model.eos_token_id and len(tokens) < options.max_new_tokens
-    assert bpe_tokenizer.decode(tokens[:-1]).strip() == answer
-
-
-def test_closing_the_stream_stops_generation(model, bpe_tokenizer):
-    stream = model.stream(bpe_tokenizer, prompt_ids(bpe_tokenizer), image_embeds_for(model, "red"))
-    next(stream)
-    before = {thread for thread in threading.enumerate() if thread.name == "generate"}
-    assert before
-    stream.close()
-    assert not any(thread.is_alive() for thread in before)
-
-
-def test_errors_in_generation_reach_the_reader(model, bpe_tokenizer):
-    too_wide = torch.zeros(1, 49, model.language_model.config.hidden_size + 1)
-    with pytest.raises(ValueError, match="wide"):
-        list(model.stream(bpe_tokenizer, prompt_ids(bpe_tokenizer), too_wide))
 
 
 def test_lora_merged_logits_match_unmerged(phi_dir):

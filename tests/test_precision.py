@@ -11,8 +11,7 @@ from inference import tiny
 from inference.config import GenerationOptions
 from inference.loading import load_weights
 from inference.precision import DEFAULT_PRECISION, Precision
-from inference.prompt import Conversation, Turn, render
-from tests.kit import CORPUS, make_shape_image, pretrain_tiny_phi
+from tests.kit import CORPUS, make_shape_image, pixels, pretrain_tiny_phi, prompt_ids
 
 QUESTIONS = ["What is in this picture?", "What colour is the shape?", "Is the shape on the left or the right?"]
 TOKENS = 24
@@ -34,14 +33,14 @@ def continuations(weights, precision: Precision, reference: list[list[int]] | No
     """
     loaded = load_weights(weights, precision=precision)
     model = loaded.model
-    image_embeds = model.encode_images(model.vision_tower.preprocess([make_shape_image("red")]))
+    image_embeds = model.encode_images(pixels(model, make_shape_image("red")))
     results = []
     for index, question in enumerate(QUESTIONS):
-        ids = render(loaded.manifest.template, Conversation((Turn(question),)), loaded.tokenizer, True).input_ids
+        ids = prompt_ids(loaded.tokenizer, question, loaded.manifest.image_tokens)
         tokens = model.generate(ids, image_embeds, GenerationOptions(TOKENS))
         forced = reference[index] if reference is not None else tokens
         with torch.no_grad():
-            prompt_length = model.build_inputs([ids], image_embeds).inputs_embeds.shape[1]
+            prompt_length = len(ids)
             inputs = model.build_inputs([ids + forced], image_embeds)
             logits = model.language_model(inputs_embeds=inputs.inputs_embeds).logits[0].float()
         results.append((tokens, logits[prompt_length - 1 : prompt_length - 1 + len(forced)]))

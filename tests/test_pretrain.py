@@ -26,11 +26,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
 from benchmarks import pretrain_gpu
-from inference import hub
+from inference.cli import UsageError
 from tests.kit import killed_at_step
-from training import prepare_text, pretrain
+from training import prepare_text, pretrain, publish
 from training.config import parse_config
-from training.trainer import Trainer, build_optimizer
+from training.optim import build_optimizer
+from training.pretrain import PretrainConfig
+from training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = 90  # standard-library modules in the corpus: ~1.5 M byte-level tokens of code
@@ -91,14 +93,18 @@ def tokenizer_dir(bpe_tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
-def prepare(sources, tokenizer, out: Path, *extra: str) -> dict:
+def prepare(sources, tokenizer, out: Path, **settings) -> dict:
     folder = sources["folder"]
-    return prepare_text.main([
-        "--source", f"code={folder / 'code'}", "--source", f"code={folder / 'more_code.parquet'}",
-        "--source", f"docs={folder / 'docs.jsonl'}", "--weights", "code=0.8", "docs=0.2",
-        "--text-field", "content", "--tokenizer", str(tokenizer), "--out", str(out), "--held-out", "0.05",
-        *extra,
-    ])  # fmt: skip
+    code, docs = f"code={folder / 'code'}", f"docs={folder / 'docs.jsonl'}"
+    return prepare_text.prepare(
+        [code, f"code={folder / 'more_code.parquet'}", docs],
+        out,
+        weights=["code=0.8", "docs=0.2"],
+        text_field="content",
+        tokenizer=str(tokenizer),
+        held_out=0.05,
+        **settings,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +152,9 @@ def test_phi_vocabulary_ids_survive_uint16_packing(sources, gpt2_tokenizer, tmp_
     gpt2_tokenizer.save_pretrained(tmp_path / "gpt2")
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in sources["docs"][:40]))
-    meta = prepare_text.main(["--source", str(docs), "--tokenizer", str(tmp_path / "gpt2"), "--out",
-                              str(tmp_path / "out"), "--held-out", "0", "--shard-tokens", "1000"])  # fmt: skip
+    meta = prepare_text.prepare(
+        [str(docs)], tmp_path / "out", tokenizer=str(tmp_path / "gpt2"), held_out=0, shard_tokens=1000
+    )
     assert meta["sources"]["docs"]["documents"] == 40 and meta["held_out"]["tokens"] == 0
     assert len(meta["train"]) == -(-meta["train_tokens"] // 1000) > 1  # shards of 1,000 tokens
     train, held_out = read_tokens(tmp_path / "out", meta)
@@ -173,20 +180,19 @@ def test_preparation_refuses_bad_sources_with_a_reason(args, message, tokenizer_
     assert message in capsys.readouterr().err
 
 
-def test_preparation_will_not_overwrite_a_corpus_unasked(corpus, sources, tokenizer_dir, capsys):
-    with pytest.raises(SystemExit):
+def test_preparation_will_not_overwrite_a_corpus_unasked(corpus, sources, tokenizer_dir):
+    with pytest.raises(UsageError, match="--overwrite"):
         prepare(sources, tokenizer_dir, corpus)
-    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_defaults_and_yaml_are_the_original_recipe():
     defaults = parse_config(pretrain.PretrainConfig, ["--data", "d"])
-    original = parse_config(pretrain.PretrainConfig, ["--config", str(ROOT / "training/configs/pretrain_original.yaml"),
-                                                      "--data", "d"])  # fmt: skip
+    recipe = ROOT / "training/configs/pretrain_original.yaml"
+    original = parse_config(pretrain.PretrainConfig, ["--config", str(recipe), "--data", "d"])
     for config in (defaults, original):
-        assert (config.optimizer, config.lr, config.lr * config.min_lr_ratio, config.warmup_steps) == (
-            "adam8bit", 6e-3, pytest.approx(6e-6), 2000
-        )  # fmt: skip
+        schedule = (config.optimizer, config.lr, config.lr * config.min_lr_ratio, config.warmup_steps)
+        assert schedule == ("adam8bit", 6e-3, pytest.approx(6e-6), 2000)
+        assert config.warmup_for(4000) == 2000
         assert (config.weight_decay, config.betas, config.max_grad_norm) == (0.1, (0.9, 0.95), 1.0)
         assert (config.batch_size, config.accumulation_steps(1), config.size) == (1, 4, "phi-1.5")
     assert yaml.safe_load((ROOT / "training/configs/pretrain_original.yaml").read_text())["max_steps"] == 4000
@@ -213,13 +219,10 @@ def test_phi_1_5_shape_and_initialisation():
     assert pretrain.peak_flops(torch.device("cpu"), "no", peak_tflops=2.0) == 2e12
 
 
-def train_args(corpus: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--data", str(corpus), "--output-dir", str(output), "--size", "tiny", "--vocab-size", "0",
-        "--block-size", "64", "--global-batch-size", "8", "--batch-size", "4", "--lr", "6e-3",
-        "--warmup-steps", "20", "--log-every", "10", "--eval-batches", "8", "--samples", "1", "--num-workers", "0",
-        *extra,
-    ]  # fmt: skip
+def train_config(corpus: Path, output: Path, **settings) -> PretrainConfig:
+    defaults = dict(size="tiny", vocab_size=0, block_size=64, global_batch_size=8, batch_size=4, lr=6e-3)
+    defaults |= dict(warmup_steps=20, log_every=10, eval_batches=8, samples=1, num_workers=0)
+    return PretrainConfig(data=str(corpus), output_dir=str(output), **(defaults | settings))
 
 
 def read_log(path: Path) -> list[dict]:
@@ -244,18 +247,19 @@ class FakeHub:
 def trained(corpus, tmp_path_factory):
     """A few hundred Adam8bit steps of the tiny phi, pushed to a fake Hub, and the trainer that ran them."""
     output = tmp_path_factory.mktemp("run")
-    trainers, real_fit, real_api = [], Trainer.fit, hub.HfApi
+    trainers, real_fit, real_api = [], Trainer.fit, publish.HfApi
 
     def fit(self):
         trainers.append(self)
         return real_fit(self)
 
-    Trainer.fit, hub.HfApi = fit, FakeHub
+    Trainer.fit, publish.HfApi = fit, FakeHub
     try:
-        args = train_args(corpus, output, "--max-steps", "300", "--eval-every", "100", "--save-every", "300")
-        summary = pretrain.main([*args, "--peak-tflops", "0.05", "--push-to-hub", "me/tiny-phi"])
+        config = train_config(corpus, output, max_steps=300, eval_every=100, save_every=300, peak_tflops=0.05)
+        arguments = config.command_line("training.pretrain").split()[3:]
+        summary = pretrain.main([*arguments, "--push-to-hub", "me/tiny-phi"])  # the command line a user types
     finally:
-        Trainer.fit, hub.HfApi = real_fit, real_api
+        Trainer.fit, publish.HfApi = real_fit, real_api
     return output, summary, trainers[0]
 
 
@@ -314,14 +318,14 @@ def test_the_saved_folder_is_a_transformers_model_that_generates(trained):
 
 
 def test_resumed_pretraining_ends_where_an_uninterrupted_run_does(corpus, tmp_path):
-    args = ["--max-steps", "8", "--save-every", "4", "--eval-every", "4", "--log-every", "1"]
-    pretrain.main(train_args(corpus, tmp_path / "whole", *args))
+    settings = dict(max_steps=8, save_every=4, eval_every=4, log_every=1)
+    pretrain.run(train_config(corpus, tmp_path / "whole", **settings))
 
     interrupted = tmp_path / "interrupted"
     with killed_at_step(6), pytest.raises(KeyboardInterrupt):
-        pretrain.main(train_args(corpus, interrupted, *args))
+        pretrain.run(train_config(corpus, interrupted, **settings))
     assert torch.load(interrupted / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
-    pretrain.main(train_args(corpus, interrupted, *args, "--resume"))
+    pretrain.run(train_config(corpus, interrupted, resume=True, **settings))
 
     whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     resumed = load_file(interrupted / "model" / "model.safetensors")
@@ -347,8 +351,8 @@ def test_the_gpu_benchmark_path_runs_on_the_cpu_at_a_tiny_size(gpt2_tokenizer, t
     gpt2_tokenizer.save_pretrained(tmp_path / "gpt2")
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
-    rows = pretrain_gpu.main(["--cpu-smoke", "--size", "tiny", "--steps", "2", "--block-size", "64",
-                              "--tokenizer", str(tmp_path / "gpt2"), "--results", str(results)])  # fmt: skip
+    arguments = ["--cpu-smoke", "--size", "tiny", "--steps", "2", "--block-size", "64"]
+    rows = pretrain_gpu.main([*arguments, "--tokenizer", str(tmp_path / "gpt2"), "--results", str(results)])
     assert [row["gradient_checkpointing"] for row in rows] == [False, True]
     assert all(row["tokens_per_s"] > 0 and row["steps"] == 2 for row in rows)
     text = results.read_text()

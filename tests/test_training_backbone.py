@@ -2,14 +2,17 @@
 
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from inference.cli import UsageError
 from training.config import TrainConfig, parse_config
+from training.optim import lr_factor
 from training.stage1_align import Stage1Config
-from training.trainer import epoch_batches, lr_factor
+from training.trainer import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--train-data", "train.json", "--image-folder", "images"]
@@ -40,20 +43,33 @@ def test_yaml_sets_fields_and_flags_override_it(tmp_path):
         (["--image-folder", "x"], "--train-data is required"),
         ([*REQUIRED, "--lr", "0"], "lr must be positive"),
         ([*REQUIRED, "--projector", "mlp3x"], "invalid choice"),
-        ([*REQUIRED, "--warmup-ratio", "1.5"], "warmup_ratio"),
+        ([*REQUIRED, "--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)"),
+        ([*REQUIRED, "--warmup-steps", "-2"], "--warmup-steps must be -1"),
     ],
 )
-def test_bad_settings_are_refused_with_a_reason(argv, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_settings_are_refused_with_a_reason(argv, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
         parse_config(Stage1Config, argv)
-    assert message in capsys.readouterr().err
 
 
-def test_unknown_yaml_fields_are_refused(tmp_path, capsys):
+def test_unknown_yaml_fields_are_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match=re.escape("unknown fields ['learning_rate']")):
         parse_config(Stage1Config, ["--config", str(tmp_path / "bad.yaml"), *REQUIRED])
-    assert "unknown fields ['learning_rate']" in capsys.readouterr().err
+
+
+def test_warmup_is_a_typed_setting():
+    assert TrainConfig(warmup_ratio=0.1).warmup_for(200) == 20
+    assert TrainConfig(warmup_ratio=0.1, warmup_steps=7).warmup_for(200) == 7
+    assert TrainConfig(warmup_steps=0).warmup_for(200) == 0
+
+
+def test_a_config_is_its_own_command_line():
+    config = parse_config(Stage1Config, [*REQUIRED, "--lr", "5e-5", "--resume", "--betas", "0.8", "0.9"])
+    command = config.command_line("training.stage1_align")
+    assert command.startswith("python -m training.stage1_align ") and "--lr 5e-05" in command
+    assert "--resume" in command and "--betas 0.8 0.9" in command and "--seed" not in command  # defaults left out
+    assert parse_config(Stage1Config, command.split()[3:]) == config
 
 
 def test_accumulation_keeps_the_global_batch_on_any_device_count():

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,14 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from inference import Assistant, GenerationOptions, Manifest, TemplateName, hub
+from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.precision import Precision
 from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
-from training import cache_features, prepare_coco, stage1_align
+from training import cache_features, prepare_coco, publish, stage1_align
+from training.checkpoint import trainable_checksum
 from training.data import Collator, load_examples
 from training.feature_cache import FeatureCache
-from training.trainer import trainable_checksum
+from training.stage1_align import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -78,33 +80,38 @@ def caption_lm(phi_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(coco) -> dict:
-    report = prepare_coco.main(["--coco-dir", str(coco), "--out", str(coco / "llava")])
-    return report
+    return prepare_coco.prepare(coco, coco / "llava")
+
+
+def data_files(coco: Path) -> list[Path]:
+    return [coco / "llava" / f"coco_captions_{split}2017.json" for split in ("train", "val")]
 
 
 @pytest.fixture(scope="module")
 def features(coco, prepared, clip_dir) -> Path:
     out = coco / "features"
-    data = [str(coco / "llava" / f"coco_captions_{split}2017.json") for split in ("train", "val")]
-    args = ["--data", *data, "--image-folder", str(coco), "--out", str(out), "--vision-model", str(clip_dir)]
-    cache_features.main([*args, "--shard-size", "16", "--num-workers", "0"])
+    cache_features.build_cache(data_files(coco), coco, out, str(clip_dir), -2, shard_size=16, num_workers=0)
     return out
 
 
-def stage1_args(coco: Path, caption_lm, clip_dir, output: Path, *extra: str) -> list[str]:
-    return [
-        "--train-data", str(coco / "llava" / "coco_captions_train2017.json"),
-        "--eval-data", str(coco / "llava" / "coco_captions_val2017.json"),
-        "--image-folder", str(coco),
-        "--language-model", str(caption_lm),
-        "--vision-model", str(clip_dir),
-        "--output-dir", str(output),
-        "--batch-size", "4", "--global-batch-size", "8",
-        "--lr", "1e-2", "--warmup-ratio", "0.1",
-        "--log-every", "1", "--eval-every", "10", "--save-every", "10", "--eval-batches", "0",
-        "--samples", "2", "--num-workers", "0",
-        *extra,
-    ]  # fmt: skip
+def stage1_config(coco: Path, caption_lm, clip_dir, output: Path, **settings) -> Stage1Config:
+    train, held_out = data_files(coco)
+    defaults = dict(batch_size=4, global_batch_size=8, lr=1e-2, warmup_ratio=0.1, log_every=1, eval_every=10)
+    defaults |= dict(save_every=10, eval_batches=0, samples=2, num_workers=0)
+    return Stage1Config(
+        train_data=str(train),
+        eval_data=str(held_out),
+        image_folder=str(coco),
+        language_model=str(caption_lm),
+        vision_model=str(clip_dir),
+        output_dir=str(output),
+        **(defaults | settings),
+    )
+
+
+def stage1_args(config: Stage1Config) -> list[str]:
+    """The command-line flags of a config (what a user types for it)."""
+    return config.command_line("training.stage1_align").split()[3:]
 
 
 def test_preparation_counts_and_skips_bad_images(prepared, coco):
@@ -124,27 +131,28 @@ def test_feature_cache_holds_every_readable_image(features, coco):
     assert sample.shape == (49, 16) and str(sample.dtype) == "float16"
     # A rerun finds every shard done and rewrites nothing.
     before = {path: path.stat().st_mtime_ns for path in features.glob("features-*.npy")}
-    data = str(coco / "llava" / "coco_captions_val2017.json")
-    train = str(coco / "llava" / "coco_captions_train2017.json")
-    args = ["--data", data, train, "--image-folder", str(coco), "--out", str(features)]
-    cache_features.main(
-        [*args, "--vision-model", cache.meta["vision_model"], "--shard-size", "16", "--num-workers", "0"]
+    train, held_out = data_files(coco)
+    cache_features.build_cache(
+        [held_out, train], coco, features, cache.meta["vision_model"], -2, shard_size=16, num_workers=0
     )
     assert {path: path.stat().st_mtime_ns for path in features.glob("features-*.npy")} == before
 
 
 def test_cached_and_on_the_fly_features_give_the_same_loss(features, coco, caption_lm, clip_dir, tmp_path):
-    config = stage1_align.Stage1Config(train_data="x", image_folder=str(coco), language_model=str(caption_lm),
-                                       vision_model=str(clip_dir))  # fmt: skip
-    model, tokenizer, _ = stage1_align.build_model(config, "no")
+    model, tokenizer, _ = stage1_align.build(stage1_config(coco, caption_lm, clip_dir, tmp_path), "no")
     examples, _ = load_examples(coco / "llava" / "coco_captions_val2017.json")
-    cached = Collator(tokenizer, TemplateName.PLAIN, 64, coco, FeatureCache(features))(examples[:4])
-    on_the_fly = Collator(tokenizer, TemplateName.PLAIN, 64, coco)(examples[:4])
+    cached = collator(tokenizer, coco, FeatureCache(features))(examples[:4])
+    on_the_fly = collator(tokenizer, coco)(examples[:4])
     assert "image_features" in cached and "pixel_values" in on_the_fly
     model.eval()
     with torch.no_grad():
         loss_cached, loss_live = model(**cached).loss, model(**on_the_fly).loss
     torch.testing.assert_close(loss_cached, loss_live, rtol=1e-3, atol=1e-3)  # fp16 storage of the features
+
+
+def collator(tokenizer, coco: Path, cache: FeatureCache | None = None) -> Collator:
+    """Captions of at most 128 positions, 49 of them the image's, over tiny CLIP's 224 px images."""
+    return Collator(tokenizer, TemplateName.PLAIN, 128, 49, 224, coco, cache)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -154,15 +162,15 @@ def read_log(path: Path) -> list[dict]:
 
 def training_set_loss(model, tokenizer, coco: Path, features: Path) -> float:
     examples, _ = load_examples(coco / "llava" / "coco_captions_train2017.json")
-    batch = Collator(tokenizer, TemplateName.PLAIN, 64, coco, FeatureCache(features))(examples[::4])
+    batch = collator(tokenizer, coco, FeatureCache(features))(examples[::4])
     with torch.no_grad():
         return model.eval()(**batch).loss.item()
 
 
 def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco, caption_lm, clip_dir, tmp_path):
     output = tmp_path / "run"
-    args = stage1_args(coco, caption_lm, clip_dir, output, "--feature-cache", str(features), "--max-steps", "60")
-    summary = stage1_align.main([*args, "--lr", "3e-2", "--eval-every", "20"])
+    config = stage1_config(coco, caption_lm, clip_dir, output, feature_cache=str(features), max_steps=60, lr=3e-2)
+    summary = stage1_align.run(replace(config, eval_every=20))
     assert summary["steps"] == 60 and summary["world_size"] == 1
     rows = read_log(output / "log.csv")
     assert len([row for row in rows if row["train_loss"]]) == 60
@@ -174,10 +182,8 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
     assert (output / "checkpoint" / "trainer.pt").is_file() and (output / "config.yaml").is_file()
 
     # Loss on a fixed slice of the training set: the same initial projector (same seed) before, the trained one after.
-    config = stage1_align.Stage1Config(train_data="x", image_folder=str(coco), language_model=str(caption_lm),
-                                       vision_model=str(clip_dir))  # fmt: skip
     set_seed(config.seed)
-    model, tokenizer, _ = stage1_align.build_model(config, "no")
+    model, tokenizer, _ = stage1_align.build(config, "no")
     before = training_set_loss(model, tokenizer, coco, features)
     model.projector.load_state_dict(load_file(output / "weights" / "projector.safetensors"))
     after = training_set_loss(model, tokenizer, coco, features)
@@ -193,14 +199,15 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
 
 
 def test_resumed_run_ends_where_an_uninterrupted_one_does(features, coco, caption_lm, clip_dir, tmp_path):
-    args = ["--feature-cache", str(features), "--max-steps", "8", "--save-every", "4", "--eval-every", "4"]
-    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, tmp_path / "whole", *args))
+    settings = dict(feature_cache=str(features), max_steps=8, save_every=4, eval_every=4)
+    stage1_align.run(stage1_config(coco, caption_lm, clip_dir, tmp_path / "whole", **settings))
 
     interrupted = tmp_path / "interrupted"
+    config = stage1_config(coco, caption_lm, clip_dir, interrupted, **settings)
     with killed_at_step(6), pytest.raises(KeyboardInterrupt):
-        stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args))
+        stage1_align.run(config)
     assert torch.load(interrupted / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
-    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, interrupted, *args, "--resume"))
+    stage1_align.run(replace(config, resume=True))
 
     whole = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")
     resumed = load_file(interrupted / "weights" / "projector.safetensors")
@@ -231,7 +238,7 @@ def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir,
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "-m", "training.stage1_align",
-        *stage1_args(coco, caption_lm, clip_dir, output, "--feature-cache", str(features), "--max-steps", "4"),
+        *stage1_args(stage1_config(coco, caption_lm, clip_dir, output, feature_cache=str(features), max_steps=4)),
     ]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
@@ -260,11 +267,11 @@ def test_push_to_hub_uploads_each_checkpoint_and_the_complete_final_folder(
             files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
             commits.append((repo_id, commit_message, files))
 
-    monkeypatch.setattr(hub, "HfApi", FakeHub)
+    monkeypatch.setattr(publish, "HfApi", FakeHub)
     output = tmp_path / "run"
-    args = ["--feature-cache", str(features), "--max-steps", "12", "--save-every", "5"]
-    args += ["--push-to-hub", "me/stage1", "--hub-private", "--push-checkpoints"]
-    stage1_align.main(stage1_args(coco, caption_lm, clip_dir, output, *args))
+    settings = dict(feature_cache=str(features), max_steps=12, save_every=5, push_to_hub="me/stage1")
+    config = stage1_config(coco, caption_lm, clip_dir, output, hub_private=True, push_checkpoints=True, **settings)
+    stage1_align.main(stage1_args(config))  # the command line, as a user would type it
     assert [message for _, message, _ in commits] == [
         "Checkpoint at step 5", "Checkpoint at step 10", "Final weights at step 12"
     ]  # fmt: skip

@@ -1,6 +1,7 @@
 """Stage 2 on tiny models: 4-bit QLoRA on multi-turn conversations → a weights folder the app serves."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,13 @@ from transformers import AutoModelForCausalLM, PhiForCausalLM
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.precision import Precision
-from inference.prompt import IGNORE_INDEX, Conversation, Turn, render
+from inference.prompt import IGNORE_INDEX
 from inference.tiny import build_weights_folder
-from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
+from tests.kit import killed_at_step, make_shape_image, pixels, pretrain_tiny_phi, prompt_ids
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
-from training.config import parse_config
 from training.data import Collator, load_examples
-from training.trainer import resolve_precision
+from training.optim import resolve_precision
+from training.stage2_instruct import Stage2Config
 
 COLOURS = ["red", "green", "blue"]
 QUESTIONS = [("What colour is the shape?", "{colour}."), ("Is it on the left or the right?", "On the {side}.")]
@@ -78,21 +79,24 @@ def stage1_weights(tmp_path_factory, chat_lm, clip_dir) -> Path:
     return build_weights_folder(tmp_path_factory.mktemp("stage1") / "weights", chat_lm, clip_dir, adapter=False)
 
 
-def stage2_args(data: Path, stage1: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--stage1-weights", str(stage1), "--train-data", str(data / "train.json"),
-        "--eval-data", str(data / "eval.json"), "--image-folder", str(data), "--output-dir", str(output),
-        "--batch-size", "4", "--global-batch-size", "8", "--lr", "1e-2", "--projector-lr", "1e-2",
-        "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0", "--warmup-ratio", "0.05",
-        "--log-every", "5", "--eval-every", "20", "--save-every", "20", "--samples", "1", "--num-workers", "0",
-        *extra,
-    ]  # fmt: skip
+def stage2_config(data: Path, stage1: Path, output: Path, **settings) -> Stage2Config:
+    defaults = dict(batch_size=4, global_batch_size=8, lr=1e-2, projector_lr=1e-2, lora_r=8, lora_alpha=16)
+    defaults |= dict(lora_dropout=0.0, warmup_ratio=0.05, log_every=5, eval_every=20, save_every=20, samples=1)
+    return Stage2Config(
+        stage1_weights=str(stage1),
+        train_data=str(data / "train.json"),
+        eval_data=str(data / "eval.json"),
+        image_folder=str(data),
+        output_dir=str(output),
+        num_workers=0,
+        **(defaults | settings),
+    )
 
 
 def test_multi_turn_labels_are_exactly_the_answers_and_their_end_tokens(instruct_data, bpe_tokenizer):
     examples, malformed = load_examples(instruct_data / "train.json")
     assert len(examples) == 24 and sum(malformed.values()) == 3
-    batch = Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, 512, instruct_data)(examples[:1])
+    batch = Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, 512, 49, 224, instruct_data)(examples[:1])
     labels = batch["labels"][0]
     supervised = [token for token in labels if token != IGNORE_INDEX]
     eos = bpe_tokenizer.eos_token_id
@@ -114,7 +118,8 @@ def greedy_answers(generate, data: Path, count: int = 6) -> list[str]:
 @pytest.fixture(scope="module")
 def qlora_run(instruct_data, stage1_weights, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("stage2") / "run"
-    summary = stage2_instruct.main(stage2_args(instruct_data, stage1_weights, output, "--max-steps", "60"))
+    arguments = stage2_config(instruct_data, stage1_weights, output, max_steps=60).command_line("x").split()[3:]
+    summary = stage2_instruct.main(arguments)  # the command line, as a user would type it
     assert summary["steps"] == 60
     return output
 
@@ -127,8 +132,8 @@ def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruc
     assert (weights / "adapter" / "adapter_config.json").is_file()
 
     # The training model: 4-bit phi-2 + unmerged LoRA + projector, restored from the final checkpoint.
-    config = parse_config(stage2_instruct.Stage2Config, stage2_args(instruct_data, stage1_weights, output))
-    model, tokenizer, _ = stage2_instruct.build_model(config, resolve_precision("auto"), torch.device("cpu"))
+    config = stage2_config(instruct_data, stage1_weights, output)
+    model, tokenizer = stage2_instruct.build(config, resolve_precision("auto"), torch.device("cpu"))
     assert model.language_model.base_model.model.model.layers[0].mlp.fc1.base_layer.weight.dtype == torch.uint8
     trained = torch.load(output / "checkpoint" / "trainer.pt", weights_only=False)["trainable"]
     parameters = dict(model.named_parameters())
@@ -139,9 +144,9 @@ def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruc
     options = GenerationOptions(max_new_tokens=8)
 
     def training_model(question, image_path):
-        prompt = render(TemplateName.PHI2_CHAT, Conversation((Turn(question),)), tokenizer, True)
-        image_embeds = model.encode_images(model.vision_tower.preprocess([make_image(image_path)]))
-        return tokenizer.decode(model.generate(prompt.input_ids, image_embeds, options), skip_special_tokens=True)
+        image_embeds = model.encode_images(pixels(model, make_image(image_path)))
+        tokens = model.generate(prompt_ids(tokenizer, question), image_embeds, options)
+        return tokenizer.decode(tokens, skip_special_tokens=True)
 
     expected = greedy_answers(training_model, instruct_data)
     assert greedy_answers(served_by(weights), instruct_data) == expected
@@ -172,10 +177,9 @@ def test_merged_folder_is_a_model_folder_and_serves_the_same_answers(instruct_da
 
 
 def test_evaluation_reports_loss_and_answer_accuracy(instruct_data, qlora_run, tmp_path, capsys):
-    report = evaluate.main([
-        "--weights", str(qlora_run / "weights"), "--data", str(instruct_data / "eval.json"),
-        "--image-folder", str(instruct_data), "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "8",
-    ])  # fmt: skip
+    weights, data = qlora_run / "weights", instruct_data / "eval.json"
+    arguments = ["--weights", str(weights), "--data", str(data), "--image-folder", str(instruct_data)]
+    report = evaluate.main([*arguments, "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "8"])
     assert report["conversations"] == 4 and report["short_questions"] == 8
     assert report["exact_match"] >= 0.75 and report["contains_match"] >= report["exact_match"]
     assert report["loss"] < 0.5
@@ -194,10 +198,7 @@ def test_instruction_data_is_validated_with_counts(instruct_data, tmp_path):
     bare[0] = dict(bare[0], image="missing.png")
     source = tmp_path / "raw.json"
     source.write_text(json.dumps(bare + MALFORMED))
-    report = prepare_instruct.main([
-        "--data", str(source), "--image-folder", str(instruct_data), "--image-prefix", "images",
-        "--out", str(tmp_path / "clean.json"), "--verify-images",
-    ])  # fmt: skip
+    report = prepare_instruct.prepare(source, instruct_data, tmp_path / "clean.json", "images", verify_images=True)
     assert report["kept"] == 4 and sum(report["skipped"].values()) == 4
     assert report["skipped"]["image missing"] == 1
     clean = json.loads((tmp_path / "clean.json").read_text())
@@ -209,11 +210,12 @@ def make_image(path: Path) -> Image.Image:
 
 
 def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_weights, tmp_path):
-    args = ["--max-steps", "6", "--save-every", "3", "--eval-every", "3"]
-    stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "whole", *args))
+    settings = dict(max_steps=6, save_every=3, eval_every=3)
+    stage2_instruct.run(stage2_config(instruct_data, stage1_weights, tmp_path / "whole", **settings))
+    interrupted = stage2_config(instruct_data, stage1_weights, tmp_path / "resumed", **settings)
     with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args))
-    stage2_instruct.main(stage2_args(instruct_data, stage1_weights, tmp_path / "resumed", *args, "--resume"))
+        stage2_instruct.run(interrupted)
+    stage2_instruct.run(replace(interrupted, resume=True))
     for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
         whole = load_file(tmp_path / "whole" / "weights" / name)
         resumed = load_file(tmp_path / "resumed" / "weights" / name)
@@ -224,8 +226,9 @@ def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_we
 
 def test_plain_lora_without_quantisation_trains_and_saves(instruct_data, stage1_weights, tmp_path):
     output = tmp_path / "lora"
-    args = stage2_args(instruct_data, stage1_weights, output, "--max-steps", "6", "--no-quantize", "--log-every", "1")
-    summary = stage2_instruct.main(args)
+    summary = stage2_instruct.run(
+        stage2_config(instruct_data, stage1_weights, output, max_steps=6, quantize=False, log_every=1)
+    )
     assert summary["steps"] == 6 and (output / "weights" / "adapter" / "adapter_model.safetensors").is_file()
     losses = [
         float(row.split(",")[2]) for row in (output / "log.csv").read_text().splitlines()[1:] if row.split(",")[2]

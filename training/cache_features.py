@@ -10,18 +10,17 @@ shard. Unreadable images are recorded in meta.json and left out of training, wit
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from inference.cli import ArgumentParser, command
 from inference.config import TINYCLIP_ID
-from inference.vision import VisionTower, preprocess
+from inference.vision import VisionTower, load_image, preprocess
+from training.data import read_json_list
 from training.feature_cache import done_shards, remove_shard, save_meta, save_shard
 
 
@@ -36,8 +35,7 @@ class _Images(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.folder / self.images[index]) as image:
-                return preprocess([image], self.size)[0], None
+            return preprocess([load_image(self.folder / self.images[index])], self.size)[0], None
         except Exception as error:  # PIL raises many types for broken files
             return None, f"{type(error).__name__}: {error}"
 
@@ -45,7 +43,9 @@ class _Images(Dataset):
 def images_of(data_files: list[Path]) -> list[str]:
     images = set()
     for path in data_files:
-        images.update(record["image"] for record in json.loads(path.read_text()) if record.get("image"))
+        images.update(
+            record["image"] for record in read_json_list(path) if isinstance(record, dict) and record.get("image")
+        )
     return sorted(images)
 
 
@@ -63,8 +63,8 @@ def build_cache(
     """Write (or finish) a feature cache for all images the data files name; returns meta.json's content."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
+    images = images_of(data_files)  # the data files are read (and checked) before the tower is loaded
     tower = VisionTower.from_pretrained(vision_model, feature_layer, dtype=dtype).to(device)
-    images = images_of(data_files)
     out.mkdir(parents=True, exist_ok=True)
     shards = [images[start : start + shard_size] for start in range(0, len(images), shard_size)]
     done = done_shards(out)
@@ -104,8 +104,9 @@ def build_cache(
     return save_meta(out, vision_model, feature_layer, (tower.num_patches, tower.width), cached, failed)
 
 
+@command
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="LLaVA-style JSON files")
     parser.add_argument("--image-folder", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)

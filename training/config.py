@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from inference.cli import ArgumentParser, UsageError
 from inference.config import atomic_write_text
 from inference.hub import parse_reference
 
@@ -42,6 +42,7 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "constant"] = option("cosine", "after warmup: cosine decay or constant")
     min_lr_ratio: float = option(0.0, "cosine decays to lr × this")
     warmup_ratio: float = option(0.03, "fraction of the steps spent warming up linearly from 0")
+    warmup_steps: int = option(-1, "optimizer steps of linear warmup; -1 = use --warmup-ratio instead")
     weight_decay: float = option(0.0, "AdamW weight decay")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = option(
         "adamw", "torch AdamW, or bitsandbytes' 8-bit AdamW (paged: spills optimizer state to CPU memory on GPUs)"
@@ -66,14 +67,22 @@ class TrainConfig:
         positive = ("global_batch_size", "batch_size", "lr", "log_every", "eval_every", "save_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         if self.max_steps < 0 or (self.epochs <= 0 and self.max_steps == 0):
-            raise ValueError("give a positive --max-steps or --epochs")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+            raise UsageError("give a positive --max-steps or --epochs")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < -1:
+            raise UsageError(f"--warmup-steps must be -1 (use --warmup-ratio) or ≥ 0, got {self.warmup_steps}")
         self.betas = tuple(self.betas)
         if self.push_to_hub and parse_reference(self.push_to_hub) is None:
-            raise ValueError(f"--push-to-hub {self.push_to_hub!r} is not a Hub repo id (expected OWNER/NAME)")
+            raise UsageError(f"--push-to-hub {self.push_to_hub!r} is not a Hub repo id (expected OWNER/NAME)")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Linear-warmup length in optimizer steps: --warmup-steps when ≥ 0, else --warmup-ratio of the run."""
+        return self.warmup_steps if self.warmup_steps >= 0 else round(self.warmup_ratio * total_steps)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each device, so that the global batch is what was asked."""
@@ -87,6 +96,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: (list(value) if isinstance(value, tuple) else value) for name, value in vars(self).items()}
+
+    def command_line(self, module: str) -> str:
+        """The shell command that runs `module` with this config: every field that differs from its default."""
+        args = ["python", "-m", module]
+        for item in dataclasses.fields(self):
+            value, default = getattr(self, item.name), _default(item)
+            if value == default or (isinstance(value, tuple) and list(value) == list(default)):
+                continue
+            if isinstance(value, bool):
+                args.append(flag(item.name) if value else f"--no-{flag(item.name)[2:]}")
+            elif isinstance(value, list | tuple):
+                args += [flag(item.name), *map(str, value)]
+            else:
+                args += [flag(item.name), str(value)]
+        return shlex.join(args)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / "config.yaml"
@@ -102,47 +126,56 @@ class ImageTextConfig(TrainConfig):
     eval_data: str = option("", "held-out data in the same format; empty = no evaluation")
     image_folder: str = option("", "folder the records' image paths are relative to")
     feature_cache: str = option("", "feature cache folder from training.cache_features; empty = run the tower")
-    max_length: int = option(2048, "token limit per example (the image counts as one)")
+    max_length: int = option(2048, "position limit per example (an image counts as its patch positions)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.train_data:
-            raise ValueError("--train-data is required")
+            raise UsageError("--train-data is required")
         if not (self.image_folder or self.feature_cache):
-            raise ValueError("give --image-folder, --feature-cache, or both")
+            raise UsageError("give --image-folder, --feature-cache, or both")
+        if self.max_length <= 0:
+            raise UsageError(f"--max-length must be positive, got {self.max_length}")
 
 
 C = TypeVar("C", bound=TrainConfig)
 
 
-def command_line(module: str, argv: list[str] | None) -> str:
-    """The shell command that runs `module` with `argv` (the process's own arguments when None)."""
-    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+def flag(name: str) -> str:
+    """A config field's command-line flag: `warmup_ratio` → `--warmup-ratio`."""
+    return "--" + name.replace("_", "-")
+
+
+def _default(item: dataclasses.Field) -> Any:
+    return item.default_factory() if item.default is dataclasses.MISSING else item.default
 
 
 def parse_config(cls: type[C], argv: list[str] | None, description: str | None = None) -> C:
     """Build `cls` from defaults, an optional `--config` YAML file and command-line flags."""
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, help="YAML file of field: value pairs (flags override it)")
     for item in dataclasses.fields(cls):
-        flag = "--" + item.name.replace("_", "-")
         kwargs = _argument(hints[item.name])
-        parser.add_argument(flag, dest=item.name, default=argparse.SUPPRESS, help=item.metadata.get("help"), **kwargs)
+        parser.add_argument(
+            flag(item.name), dest=item.name, default=argparse.SUPPRESS, help=item.metadata.get("help"), **kwargs
+        )
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config")
     if config_file is not None:
+        if not config_file.is_file():
+            raise UsageError(f"--config {config_file}: no such file")
         loaded = yaml.safe_load(config_file.read_text()) or {}
         unknown = sorted(set(loaded) - {item.name for item in dataclasses.fields(cls)})
         if unknown:
-            parser.error(f"{config_file} has unknown fields {unknown}")
+            raise UsageError(f"{config_file} has unknown fields {unknown}")
         values.update(loaded)
     values.update(args)
     try:
         return cls(**values)
-    except (TypeError, ValueError) as error:
-        parser.error(str(error))
+    except TypeError as error:
+        raise UsageError(str(error)) from None
 
 
 def _argument(hint: Any) -> dict[str, Any]:

@@ -16,11 +16,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from inference.cli import UsageError
 from inference.config import TemplateName
-from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, render
-from inference.vision import preprocess
+from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Rendered, render
+from inference.vision import VisionTower, load_image, preprocess
 from training.config import ImageTextConfig
 from training.feature_cache import FeatureCache, FeatureCacheError
+
+
+class DataError(UsageError):
+    """A data file or corpus that cannot be used as given; the message names the file or source and why."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,7 @@ class Example:
 
 def load_examples(path: str | Path) -> tuple[list[Example], Counter]:
     """Read a LLaVA-style JSON list; malformed records are skipped and counted by reason."""
-    records = json.loads(Path(path).read_text())
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records")
+    records = read_json_list(path)
     examples, skipped = [], Counter()
     for number, record in enumerate(records):
         try:
@@ -47,6 +50,20 @@ def load_examples(path: str | Path) -> tuple[list[Example], Counter]:
         image = record.get("image") or None
         examples.append(Example(str(record.get("id", number)), conversation, image))
     return examples, skipped
+
+
+def read_json_list(path: str | Path) -> list:
+    """A data file's JSON list of records, or a `DataError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a JSON list of records")
+    return records
 
 
 def drop_failed_images(examples: list[Example], cache: FeatureCache) -> tuple[list[Example], int]:
@@ -76,31 +93,42 @@ def load_split(path: str | Path, cache: FeatureCache | None, label: str) -> list
 
 
 class Collator:
-    """Examples → {'input_ids', 'labels', and 'image_features' or 'pixel_values'} for `MultimodalPhi`."""
+    """Examples → {'input_ids', 'labels', and 'image_features' or 'pixel_values'} for `MultimodalPhi`.
+
+    `max_length` counts positions, an image as its `image_tokens` patch positions, as the model sees them.
+    """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         template: TemplateName,
         max_length: int,
+        image_tokens: int,
+        image_size: int,
         image_folder: str | Path | None = None,
         cache: FeatureCache | None = None,
-        image_size: int = 224,
     ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
+        self.image_tokens = image_tokens  # positions per image: the vision tower's patch count
+        self.image_size = image_size  # pixels per side the vision tower takes
         self.image_folder = Path(image_folder) if image_folder else None
         self.cache = cache
-        self.image_size = image_size
+
+    def render(self, conversation: Conversation, add_generation_prompt: bool = False) -> Rendered:
+        """The conversation as this stage renders it, the image as its patch positions."""
+        return render(
+            self.template, conversation, self.tokenizer, add_generation_prompt, image_tokens=self.image_tokens
+        )
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         input_ids, labels = [], []
         for example in examples:
-            rendered = render(self.template, example.conversation, self.tokenizer)
+            rendered = self.render(example.conversation)
             ids, example_labels = rendered.input_ids[: self.max_length], rendered.labels[: self.max_length]
-            if example.image is not None and IMAGE_PLACEHOLDER_ID not in ids:
-                raise ValueError(f"max_length {self.max_length} cut off the image of example {example.id}")
+            if example.image is not None and ids.count(IMAGE_PLACEHOLDER_ID) != self.image_tokens:
+                raise ValueError(f"max_length {self.max_length} cut into the image of example {example.id}")
             input_ids.append(ids)
             labels.append(example_labels)
         images = [example.image for example in examples if example.image is not None]
@@ -114,29 +142,27 @@ class Collator:
     def load_image(self, image: str) -> Image.Image:
         if self.image_folder is None:
             raise ValueError("examples have images but no image folder (or feature cache) was given")
-        with Image.open(self.image_folder / image) as opened:
-            opened.load()
-            return opened
+        return load_image(self.image_folder / image)
 
 
-def stage_data(
+def load_splits(config: ImageTextConfig, cache: FeatureCache | None) -> tuple[list[Example], list[Example]]:
+    """A stage's training and held-out examples, read (and checked) before any model is loaded."""
+    train = load_split(config.train_data, cache, "train")
+    held_out = load_split(config.eval_data, cache, "eval") if config.eval_data else []
+    return train, held_out
+
+
+def stage_collator(
     config: ImageTextConfig,
     template: TemplateName,
     tokenizer: PreTrainedTokenizerBase,
     cache: FeatureCache | None,
-    image_size: int,
-) -> tuple[list[Example], list[Example], Collator]:
-    """A stage's training and held-out examples and its collator, from the config's data fields."""
-    train = load_split(config.train_data, cache, "train")
-    held_out = load_split(config.eval_data, cache, "eval") if config.eval_data else []
-    collator = Collator(tokenizer, template, config.max_length, config.image_folder or None, cache, image_size)
-    return train, held_out, collator
-
-
-def token_count(batch: dict[str, Any], image_tokens: int) -> int:
-    """Positions the language model processes for a batch (image placeholders expanded)."""
-    images = sum(ids.count(IMAGE_PLACEHOLDER_ID) for ids in batch["input_ids"])
-    return sum(len(ids) for ids in batch["input_ids"]) + images * (image_tokens - 1)
+    vision_tower: VisionTower,
+) -> Collator:
+    """The collator of a stage's config, for the vision tower's images."""
+    image_folder = config.image_folder or None
+    image_tokens, image_size = vision_tower.num_patches, vision_tower.image_size
+    return Collator(tokenizer, template, config.max_length, image_tokens, image_size, image_folder, cache)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

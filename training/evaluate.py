@@ -12,7 +12,6 @@ the normalised reference appears in it. Prints a table and writes every answer t
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import string
@@ -20,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from inference.assistant import Assistant
+from inference.cli import ArgumentParser, command
 from inference.config import GenerationOptions, atomic_write_text
 from inference.precision import Precision
 from inference.prompt import IGNORE_INDEX
+from inference.vision import load_image
 from training.data import Collator, Example, load_examples
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -40,10 +40,15 @@ def normalise(text: str) -> str:
 @torch.no_grad()
 def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path, batch_size: int) -> float:
     """Teacher-forced loss over the answers, weighted by supervised tokens."""
+    tower = assistant.model.vision_tower
     collator = Collator(
-        assistant.tokenizer, assistant.manifest.template, assistant.max_positions, image_folder,
-        image_size=assistant.model.vision_tower.image_size,
-    )  # fmt: skip
+        assistant.tokenizer,
+        assistant.manifest.template,
+        assistant.max_positions,
+        tower.num_patches,
+        tower.image_size,
+        image_folder,
+    )
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch"):
         batch = collator(examples[start : start + batch_size])
@@ -58,8 +63,7 @@ def answer_accuracy(
 ) -> list[dict[str, Any]]:
     results = []
     for example in tqdm(examples, desc="answers", unit="conversation"):
-        with Image.open(image_folder / example.image) as opened:
-            image = opened.copy()
+        image = load_image(image_folder / example.image)
         history: list[tuple[str, str]] = []
         for turn in example.conversation.turns:
             if len(turn.answer.split()) <= max_words:
@@ -127,8 +131,9 @@ def table(report: dict[str, Any]) -> str:
     )
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="held-out LLaVA-style JSON")
     parser.add_argument("--image-folder", type=Path, required=True)
@@ -139,9 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     report = evaluate(
-        args.weights, args.data, args.image_folder, args.short_answer_words, args.limit, args.batch_size,
+        args.weights,
+        args.data,
+        args.image_folder,
+        args.short_answer_words,
+        args.limit,
+        args.batch_size,
         args.max_new_tokens,
-    )  # fmt: skip
+    )
     print(table(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.cli import UsageError
 from inference.config import atomic_write_text
 
 META = "meta.json"
 
 
-class FeatureCacheError(ValueError):
-    pass
+class FeatureCacheError(UsageError):
+    """A feature cache that is missing, unfinished, or made for another vision model or layer."""
 
 
 def shard_name(index: int) -> str:

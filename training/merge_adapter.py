@@ -9,33 +9,30 @@ merged language model, with its tokenizer) and a weights folder the app serves w
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from inference.cli import ArgumentParser, UsageError, command
 from inference.config import Manifest
-from inference.loading import ADAPTER_DIR, resolve_model_reference
+from inference.loading import load_weights, resolve_model_reference
 from inference.projector import PROJECTOR_FILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge(weights: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """The serving path's model (adapter merged, in `dtype`), saved as a transformers + weights folder."""
     manifest = Manifest.load(weights)
     if not manifest.adapter:
-        raise ValueError(f"{weights} has no adapter to merge")
-    base = resolve_model_reference(weights, manifest.language_model)
-    language_model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    merged = PeftModel.from_pretrained(language_model, str(weights / ADAPTER_DIR)).merge_and_unload()
+        raise UsageError(f"--weights {weights} has no adapter to merge")
+    loaded = load_weights(weights, dtype=dtype)
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+    loaded.model.language_model.save_pretrained(staging)
+    loaded.tokenizer.save_pretrained(staging)
     shutil.copy2(weights / PROJECTOR_FILE, staging / PROJECTOR_FILE)
     vision_model = resolve_model_reference(weights, manifest.vision_model)
     replace(manifest, language_model=".", vision_model=vision_model, adapter=False).save(staging)
@@ -45,8 +42,9 @@ def merge(weights: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--weights", type=Path, required=True, help="weights folder with an adapter/")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="precision of the merged weights")

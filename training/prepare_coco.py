@@ -11,7 +11,6 @@ missing or cannot be opened are counted, reported and left out; the run never st
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import urllib.request
@@ -19,11 +18,12 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 
+from inference.cli import ArgumentParser, UsageError, command
 from inference.config import atomic_write_text
 from inference.prompt import IMAGE_MARKER
+from inference.vision import image_problem
 
 # The official COCO 2017 archives and their published MD5 sums.
 COCO_FILES = {
@@ -93,18 +93,6 @@ def download_coco(coco_dir: Path) -> None:
             marker.touch()
 
 
-def image_problem(path: Path) -> str | None:
-    """None if the image opens and its structure checks out, else why not ('missing' or 'corrupt')."""
-    if not path.is_file():
-        return "missing"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception:  # PIL raises many types for broken files
-        return "corrupt"
-    return None
-
-
 def convert(captions_file: Path, coco_dir: Path, image_subdir: str) -> tuple[list[dict], Counter]:
     """COCO captions JSON → one LLaVA-style record per caption of a readable image."""
     data = json.loads(captions_file.read_text())
@@ -135,31 +123,39 @@ def convert(captions_file: Path, coco_dir: Path, image_subdir: str) -> tuple[lis
     return records, skipped
 
 
+def prepare(
+    coco_dir: Path, out: Path, download: bool = False, splits: tuple[str, ...] = ("train", "val")
+) -> dict[str, dict]:
+    """The command, typed: (download and) convert each split; returns per-split counts."""
+    if download:
+        download_coco(coco_dir)
+    report = {}
+    for split in splits:
+        captions = coco_dir / "annotations" / f"captions_{split}2017.json"
+        if not captions.is_file():
+            raise UsageError(f"{captions} not found: pass --download, or unpack annotations_trainval2017.zip there")
+        records, skipped = convert(captions, coco_dir, f"{split}2017")
+        target = out / f"coco_captions_{split}2017.json"
+        atomic_write_text(target, json.dumps(records))
+        images = len({record["image"] for record in records})
+        report[split] = {"captions": len(records), "images": images, **skipped}
+        print(
+            f"{split}: {len(records)} captions of {images} images → {target}; "
+            f"skipped {skipped['images missing']} missing and {skipped['images corrupt']} corrupt images "
+            f"({sum(skipped[k] for k in ('missing', 'corrupt'))} captions)"
+        )
+    return report
+
+
+@command
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--coco-dir", type=Path, required=True, help="holds annotations/, train2017/, val2017/")
     parser.add_argument("--out", type=Path, required=True, help="folder for the LLaVA-style JSON files")
     parser.add_argument("--download", action="store_true", help="fetch the official COCO 2017 files first")
     parser.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     args = parser.parse_args(argv)
-    if args.download:
-        download_coco(args.coco_dir)
-    report = {}
-    for split in args.splits:
-        captions = args.coco_dir / "annotations" / f"captions_{split}2017.json"
-        if not captions.is_file():
-            parser.error(f"{captions} not found: pass --download, or unpack annotations_trainval2017.zip there")
-        records, skipped = convert(captions, args.coco_dir, f"{split}2017")
-        out = args.out / f"coco_captions_{split}2017.json"
-        atomic_write_text(out, json.dumps(records))
-        images = len({record["image"] for record in records})
-        report[split] = {"captions": len(records), "images": images, **skipped}
-        print(
-            f"{split}: {len(records)} captions of {images} images → {out}; "
-            f"skipped {skipped['images missing']} missing and {skipped['images corrupt']} corrupt images "
-            f"({sum(skipped[k] for k in ('missing', 'corrupt'))} captions)"
-        )
-    return report
+    return prepare(args.coco_dir, args.out, args.download, tuple(args.splits))
 
 
 if __name__ == "__main__":

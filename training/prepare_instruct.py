@@ -13,16 +13,18 @@ stages share one cache.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from inference.cli import ArgumentParser, command
 from inference.config import atomic_write_text
 from inference.prompt import Conversation
-from training.prepare_coco import image_problem
+from inference.vision import image_problem
+from training.data import read_json_list
 
 
 def clean_records(
@@ -53,23 +55,28 @@ def clean_records(
     return kept, skipped
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def prepare(
+    data: Path, image_folder: Path, out: Path, image_prefix: str = "", verify_images: bool = False
+) -> dict[str, Any]:
+    """The command, typed: validate `data`, write the clean copy to `out`; returns the counts."""
+    records = read_json_list(data)
+    kept, skipped = clean_records(records, image_folder, image_prefix, verify_images)
+    atomic_write_text(out, json.dumps(kept))
+    print(f"{data.name}: kept {len(kept)} of {len(records)} records → {out}")
+    for reason, count in skipped.most_common():
+        print(f"  skipped {count}: {reason}")
+    return {"kept": len(kept), "skipped": dict(skipped)}
+
+
+@command
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True, help="LLaVA-style JSON list of conversations")
     parser.add_argument("--image-folder", type=Path, required=True)
     parser.add_argument("--image-prefix", default="", help="prepended to every image path (e.g. train2017)")
     parser.add_argument("--verify-images", action="store_true", help="open every image, not only check it exists")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    records = json.loads(args.data.read_text())
-    if not isinstance(records, list):
-        parser.error(f"{args.data} must hold a JSON list of records")
-    kept, skipped = clean_records(records, args.image_folder, args.image_prefix, args.verify_images)
-    atomic_write_text(args.out, json.dumps(kept))
-    print(f"{args.data.name}: kept {len(kept)} of {len(records)} records → {args.out}")
-    for reason, count in skipped.most_common():
-        print(f"  skipped {count}: {reason}")
-    return {"kept": len(kept), "skipped": dict(skipped)}
+    return prepare(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ last, describes the result; training refuses a folder without it.
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
 import math
 import re
+import shlex
 import shutil
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,112 +37,26 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from inference.cli import ArgumentParser, command
 from inference.config import atomic_write_text
 from inference.hub import error_reason
-from training.config import command_line
+from training.corpus import (
+    FORMAT,
+    HELD_OUT_FILE,
+    HUB_PREFIX,
+    MAX_VOCAB,
+    META,
+    TOKEN_DTYPE,
+    TRAIN_PATTERN,
+    PackedWriter,
+    read_documents,
+    source_files,
+)
+from training.data import DataError
 
 PHI_TOKENIZER = "microsoft/phi-1_5"  # GPT-2's BPE (50,257 ids) plus phi's added tokens
-TOKEN_DTYPE = np.uint16  # every id of a vocabulary up to 65,536 fits in two bytes
-MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1
-META = "meta.json"
-FORMAT = "packed-uint16/1"  # bumped if the layout changes
-HELD_OUT_FILE = "val.bin"
-TRAIN_PATTERN = "train-{:05d}.bin"
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
-HUB_PREFIX = "hf:"
-HUB_DEFAULT_PATTERNS = ["*.jsonl", "*.jsonl.gz", "*.parquet", "*.txt"]
 TOKENIZE_BATCH = 512  # documents per tokenizer call: the fast tokenizer works through a call in parallel
-WRITE_CHUNK = 1 << 22  # tokens gathered in memory before a write (8 MiB)
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-
-
-class DataError(ValueError):
-    """Input that cannot become a token corpus; the message says which source or file and why."""
-
-
-# --- reading documents --------------------------------------------------------------------------
-
-
-def file_format(path: Path) -> str | None:
-    """The supported suffix `path` ends with, or None."""
-    name = path.name.lower()
-    return next((suffix for suffix in SUFFIXES if name.endswith(suffix)), None)
-
-
-def source_files(where: str, cache_dir: str | None = None) -> tuple[list[Path], str | None]:
-    """The data files a source names, and the Hub dataset id when it came from the Hub."""
-    if where.startswith(HUB_PREFIX):
-        repo_id, _, pattern = where[len(HUB_PREFIX) :].partition(":")
-        folder = download_hub_dataset(repo_id, pattern, cache_dir)
-        files = sorted(path for path in folder.rglob("*") if path.is_file() and file_format(path))
-        if not files:
-            raise DataError(f"{where}: the Hub dataset {repo_id} has no {', '.join(SUFFIXES)} files matching it")
-        return files, repo_id
-    path = Path(where)
-    if path.is_dir():
-        files = sorted(item for item in path.rglob("*") if item.is_file() and file_format(item))
-        if not files:
-            raise DataError(f"{path} holds no {', '.join(SUFFIXES)} files")
-        return files, None
-    if path.is_file():
-        if file_format(path) is None:
-            raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
-        return [path], None
-    raise DataError(f"{where} does not exist (a file, a folder, or {HUB_PREFIX}OWNER/NAME[:PATTERN])")
-
-
-def download_hub_dataset(repo_id: str, pattern: str, cache_dir: str | None) -> Path:
-    """The files of a Hub dataset repo matching `pattern` (data files by default), downloaded once."""
-    from huggingface_hub import snapshot_download
-
-    patterns = [pattern] if pattern else HUB_DEFAULT_PATTERNS
-    try:
-        folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=cache_dir)
-    except Exception as error:  # offline with nothing cached, no such repo, no access
-        reason = error_reason(error)
-        raise DataError(f"could not fetch the Hub dataset {repo_id!r} ({', '.join(patterns)}): {reason}") from None
-    return Path(folder)
-
-
-def read_documents(path: Path, text_field: str, skipped: Counter) -> Iterator[str]:
-    """The documents of one file; records without text are counted in `skipped` by reason."""
-    kind = file_format(path)
-    if kind in (".txt", ".txt.gz"):
-        opener = gzip.open if kind.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as file:
-            yield file.read()
-    elif kind in (".jsonl", ".jsonl.gz"):
-        opener = gzip.open if kind.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as file:
-            for line in file:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    skipped["line is not JSON"] += 1
-                    continue
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    skipped[f"record has no string field {text_field!r}"] += 1
-                    continue
-                yield text
-    elif kind == ".parquet":
-        import pyarrow.parquet as parquet
-
-        table = parquet.ParquetFile(path)
-        if text_field not in table.schema_arrow.names:
-            raise DataError(
-                f"{path} has no column {text_field!r} (columns: {table.schema_arrow.names}); set --text-field"
-            )
-        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if isinstance(text, str):
-                    yield text
-                else:
-                    skipped[f"{text_field!r} is null"] += 1
-    else:
-        raise DataError(f"{path}: unsupported file type")
 
 
 # --- tokenising -----------------------------------------------------------------------------------
@@ -256,48 +169,6 @@ def split_held_out(lengths: np.ndarray, chosen: np.ndarray, fraction: float) -> 
     return chosen[:count], chosen[count:]
 
 
-class PackedWriter:
-    """Writes documents end to end into numbered shard files of at most `shard_tokens` tokens."""
-
-    def __init__(self, folder: Path, pattern: str, shard_tokens: int) -> None:
-        self.folder, self.pattern, self.shard_tokens = folder, pattern, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.file = None
-
-    def add(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            if self.file is None or self.shards[-1]["tokens"] + self.pending_tokens >= self.shard_tokens:
-                self.next_shard()
-            room = self.shard_tokens - self.shards[-1]["tokens"] - self.pending_tokens
-            piece, tokens = tokens[:room], tokens[room:]
-            self.pending.append(piece)
-            self.pending_tokens += len(piece)
-            if self.pending_tokens >= WRITE_CHUNK:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            self.file.write(np.concatenate(self.pending).astype(TOKEN_DTYPE, copy=False).tobytes())
-            self.shards[-1]["tokens"] += self.pending_tokens
-            self.pending, self.pending_tokens = [], 0
-
-    def next_shard(self) -> None:
-        self.flush()
-        if self.file is not None:
-            self.file.close()
-        name = self.pattern.format(len(self.shards))
-        self.file = open(self.folder / name, "wb")  # noqa: SIM115 (closed in next_shard and close)
-        self.shards.append({"file": name, "tokens": 0})
-
-    def close(self) -> list[dict[str, Any]]:
-        self.flush()
-        if self.file is not None:
-            self.file.close()
-        return self.shards
-
-
 def write_corpus(
     sources: list[SourceTokens],
     quotas: dict[str, int],
@@ -376,7 +247,10 @@ def parse_weights(specs: Sequence[str] | None, names: Sequence[str]) -> dict[str
 
 
 def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(reference)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reference)
+    except OSError as error:  # no such folder or repo, or offline with nothing cached
+        raise DataError(f"--tokenizer {reference} could not be loaded: {error_reason(error)}") from None
     if tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer {reference} has no end-of-text token to separate documents with")
     if len(tokenizer) > MAX_VOCAB:
@@ -390,10 +264,12 @@ def tokenizer_reference(reference: str) -> str:
     return str(path.resolve()) if path.is_dir() else reference
 
 
+@command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument(
         "--source",
+        dest="sources",
         action="append",
         required=True,
         metavar="[NAME=]WHERE",
@@ -416,25 +292,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed for the document order and the held-out choice")
     parser.add_argument("--cache-dir", help="Hub cache folder for hf: sources")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
-    args = parser.parse_args(argv)
-    if not 0 <= args.held_out < 1:
-        parser.error("--held-out must be in [0, 1)")
-    if args.shard_tokens <= 0 or args.max_tokens < 0:
-        parser.error("--shard-tokens must be positive and --max-tokens ≥ 0")
-    try:
-        return prepare(args, command_line("training.prepare_text", argv))
-    except DataError as error:
-        parser.error(str(error))
+    return prepare(**vars(parser.parse_args(argv)))
 
 
-def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    specs = parse_sources(args.source)
-    weights = parse_weights(args.weights, list(specs))
-    out: Path = args.out
-    if (out / META).exists() and not args.overwrite:
+def prepare(
+    sources: Sequence[str],
+    out: Path,
+    weights: Sequence[str] | None = None,
+    tokenizer: str = PHI_TOKENIZER,
+    text_field: str = "text",
+    held_out: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    max_tokens: int = 0,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenise, mix and write a corpus into `out`: the command, typed; returns its meta.json."""
+    if not 0 <= held_out < 1:
+        raise DataError(f"--held-out must be in [0, 1), got {held_out}")
+    if shard_tokens <= 0 or max_tokens < 0:
+        raise DataError("--shard-tokens must be positive and --max-tokens ≥ 0")
+    command = ["python", "-m", "training.prepare_text", *(arg for where in sources for arg in ("--source", where))]
+    command += ["--weights", *weights] if weights else []
+    options = {"--tokenizer": tokenizer, "--text-field": text_field, "--held-out": held_out, "--seed": seed}
+    options |= {"--shard-tokens": shard_tokens, "--max-tokens": max_tokens}
+    command += ["--out", str(out), *(str(item) for pair in options.items() for item in pair)]
+    specs = parse_sources(sources)
+    mixture = parse_weights(weights, list(specs))
+    out = Path(out)
+    if (out / META).exists() and not overwrite:
         raise DataError(f"{out} already holds a corpus ({META}); pass --overwrite to replace it")
-    tokenizer = load_tokenizer(args.tokenizer)
-    resolved = {name: [source_files(where, args.cache_dir) for where in wheres] for name, wheres in specs.items()}
+    resolved = {name: [source_files(where, cache_dir) for where in wheres] for name, wheres in specs.items()}
+    tokenizer_ids = load_tokenizer(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)  # the folder is not a corpus until the new meta.json is written
     for old in [*out.glob("train-*.bin"), out / HELD_OUT_FILE]:
@@ -443,14 +333,13 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        sources = []
+        tokenized = []
         for name, found in resolved.items():
             files = [path for paths, _ in found for path in paths]
             hub = next((repo for _, repo in found if repo), None)
-            sources.append(tokenize_source(name, specs[name], files, hub, tokenizer, args.text_field, scratch))
-        available = {source.name: source.tokens for source in sources}
-        quotas = plan_mixture(available, weights, args.max_tokens)
-        shards, held_out, counts = write_corpus(sources, quotas, out, args.held_out, args.shard_tokens, args.seed)
+            tokenized.append(tokenize_source(name, specs[name], files, hub, tokenizer_ids, text_field, scratch))
+        quotas = plan_mixture({source.name: source.tokens for source in tokenized}, mixture, max_tokens)
+        shards, held_out_shard, counts = write_corpus(tokenized, quotas, out, held_out, shard_tokens, seed)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     train_tokens = sum(shard["tokens"] for shard in shards)
@@ -458,13 +347,13 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
     meta = {
         "format": FORMAT,
         "dtype": np.dtype(TOKEN_DTYPE).name,
-        "tokenizer": tokenizer_reference(args.tokenizer),
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer": tokenizer_reference(tokenizer),
+        "vocab_size": len(tokenizer_ids),
+        "eos_token_id": tokenizer_ids.eos_token_id,
         "train": shards,
-        "held_out": held_out,
+        "held_out": held_out_shard,
         "train_tokens": train_tokens,
-        "held_out_tokens": held_out["tokens"],
+        "held_out_tokens": held_out_shard["tokens"],
         "sources": {
             source.name: {
                 "where": source.where,
@@ -472,88 +361,26 @@ def prepare(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 "files": len(source.files),
                 "documents": len(source.lengths),
                 "tokens": source.tokens,
-                "weight": None if weights is None else weights[source.name],
+                "weight": None if mixture is None else mixture[source.name],
                 "share": round(used[source.name] / max(1, sum(used.values())), 4),
                 **counts[source.name],
                 "skipped": dict(source.skipped),
             }
-            for source in sources
+            for source in tokenized
         },
-        "held_out_fraction": args.held_out,
-        "seed": args.seed,
-        "command": command,
+        "held_out_fraction": held_out,
+        "seed": seed,
+        "command": shlex.join(command),
     }
     atomic_write_text(out / META, json.dumps(meta, indent=1) + "\n")
-    for source in sources:
+    for source in tokenized:
         row = meta["sources"][source.name]
         print(
             f"{source.name}: {row['documents_used']}/{row['documents']} documents, "
             f"{row['train_tokens'] + row['held_out_tokens']:,} of {row['tokens']:,} tokens ({row['share']:.1%})"
         )
-    print(f"{out}: {train_tokens:,} training tokens in {len(shards)} shard(s), {held_out['tokens']:,} held out")
+    print(f"{out}: {train_tokens:,} training tokens in {len(shards)} shard(s), {held_out_shard['tokens']:,} held out")
     return meta
-
-
-# --- reading the corpus at training time ----------------------------------------------------------
-
-
-def load_meta(folder: str | Path) -> dict[str, Any]:
-    """A prepared corpus's meta.json, checked against its files."""
-    folder = Path(folder)
-    path = folder / META
-    if not path.is_file():
-        raise DataError(f"{folder} is not a prepared corpus (no {META}); run python -m training.prepare_text")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; prepare the corpus again")
-    for shard in [*meta["train"], meta["held_out"]]:
-        if shard["file"] is None:
-            continue
-        size = (folder / shard["file"]).stat().st_size if (folder / shard["file"]).is_file() else None
-        if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
-            raise DataError(f"{folder / shard['file']} is missing or not the size {META} records")
-    return meta
-
-
-class TokenWindows(Sequence):
-    """Consecutive, non-overlapping windows of `block_size` tokens over packed shards, memory-mapped.
-
-    Each shard's tail shorter than a window is left out. The maps are opened on first use, in each
-    process that reads (DataLoader workers included), never pickled.
-    """
-
-    def __init__(self, folder: str | Path, shards: list[dict[str, Any]], block_size: int) -> None:
-        self.paths = [Path(folder) / shard["file"] for shard in shards if shard["file"] and shard["tokens"]]
-        self.block_size = block_size
-        windows = [shard["tokens"] // block_size for shard in shards if shard["file"] and shard["tokens"]]
-        self.ends = np.cumsum(windows, dtype=np.int64)
-        self.maps: list[np.memmap] | None = None
-
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        if not isinstance(index, int | np.integer):
-            raise TypeError(f"windows are read one at a time, not by {type(index).__name__}")
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} of {len(self)}")
-        if self.maps is None:
-            self.maps = [np.memmap(path, dtype=TOKEN_DTYPE, mode="r") for path in self.paths]
-        shard = int(np.searchsorted(self.ends, index, side="right"))
-        first = int(index - (self.ends[shard - 1] if shard else 0)) * self.block_size
-        return np.asarray(self.maps[shard][first : first + self.block_size], dtype=np.int64)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "maps": None}
-
-
-def load_corpus(folder: str | Path, block_size: int) -> tuple[TokenWindows, TokenWindows, dict[str, Any]]:
-    """(training windows, held-out windows, meta) of a prepared corpus."""
-    meta = load_meta(folder)
-    held_out = meta["held_out"]
-    return TokenWindows(folder, meta["train"], block_size), TokenWindows(folder, [held_out], block_size), meta
 
 
 if __name__ == "__main__":

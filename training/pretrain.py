@@ -27,14 +27,12 @@ are logged to log.csv and shown on the progress bar.
 
 from __future__ import annotations
 
-import csv
 import gc
 import math
 import re
 import shutil
-import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,22 +41,25 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM, PreTrainedTokenizerBase
 
-from inference.hub import model_card
+from inference.cards import language_model_card
+from inference.cli import UsageError, command
 from inference.loading import replace_folder
-from training.config import TrainConfig, command_line, option, parse_config
-from training.prepare_text import DataError, TokenWindows, load_corpus
-from training.push import SUMMARY_METRICS
-from training.trainer import SAMPLE_TOKENS, Stage, Trainer, make_accelerator, resolve_precision
+from inference.shapes import PHI15, PHI_SMALL
+from training.config import TrainConfig, option, parse_config
+from training.corpus import TokenWindows, load_corpus
+from training.data import DataError
+from training.optim import resolve_precision
+from training.run_log import throughput
+from training.trainer import SAMPLE_TOKENS, Stage, Trainer, make_accelerator
 
-PHI_VOCAB = 51_200  # phi-1.5's embedding rows: its tokenizer's 50,295 ids padded to a multiple of 64
-PHI_CONTEXT = 2_048  # phi-1.5's context length (max_position_embeddings)
-PHI_ROTARY = 0.5  # phi-1.5 rotates half of each head's dimensions (phi-2: 0.4)
-SIZES: dict[str, dict[str, int]] = {
-    # Hidden width, MLP width, layers and attention heads; vocabulary and context apart.
-    "phi-1.5": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32),  # 1.42 B
-    "small": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),  # 164 M
-    "mini": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),  # 29 M
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),  # tests
+MODULE = "training.pretrain"
+PHI_VOCAB = PHI15.vocab_size  # phi-1.5's embedding rows: its tokenizer's 50,295 ids padded to a multiple of 64
+PHI_CONTEXT = PHI15.max_position_embeddings  # phi-1.5's context length
+SIZES = {  # phi-1.5's structure (width, MLP, layers, heads) at smaller sizes; vocabulary and context apart
+    "phi-1.5": PHI15,
+    "small": PHI_SMALL,
+    "mini": replace(PHI15, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8),
+    "tiny": replace(PHI15, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
 PROMPT_TOKENS = 32  # held-out tokens each sample generation continues
 # Dense bf16/fp16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched against the words of the
@@ -111,20 +112,18 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.data:
-            raise ValueError("--data is required (a folder written by python -m training.prepare_text)")
+            raise UsageError("--data is required (a folder written by python -m training.prepare_text)")
         if not 0 < self.block_size <= PHI_CONTEXT:
-            raise ValueError(f"block_size must be in 1..{PHI_CONTEXT}, got {self.block_size}")
-        if self.vocab_size < 0 or self.warmup_steps < -1 or self.peak_tflops < 0:
-            raise ValueError("vocab_size and peak_tflops must be ≥ 0 and warmup_steps ≥ -1")
+            raise UsageError(f"--block-size must be in 1..{PHI_CONTEXT}, got {self.block_size}")
+        for name in ("vocab_size", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
 
 
 def phi_config(size: str, vocab_size: int, eos_token_id: int) -> PhiConfig:
     """phi-1.5's configuration (dropout off, gelu_new, LayerNorm, untied head) at one of the SIZES."""
-    return PhiConfig(
+    return SIZES[size].config(
         vocab_size=vocab_size,
-        **SIZES[size],
-        max_position_embeddings=PHI_CONTEXT,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": PHI_ROTARY},
         hidden_act="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -272,39 +271,27 @@ def model_vocab_size(config: PretrainConfig, tokenizer_size: int) -> int:
     if config.vocab_size == 0:
         return 64 * math.ceil(tokenizer_size / 64)  # a multiple of 64 keeps the head's matmuls tensor-core sized
     if config.vocab_size < tokenizer_size:
-        raise ValueError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's {tokenizer_size} ids")
+        raise UsageError(f"--vocab-size {config.vocab_size} is smaller than the tokenizer's {tokenizer_size} ids")
     return config.vocab_size
 
 
-def throughput(log: Path, skip_first: bool = True) -> tuple[float | None, float | None]:
-    """Median tokens/s and MFU over the log's training rows (the first window, with its warm-up, left out)."""
-    with open(log, newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row["tokens_per_s"]]
-    if skip_first and len(rows) > 1:
-        rows = rows[1:]
-    speeds = [float(row["tokens_per_s"]) for row in rows]
-    mfus = [float(row["mfu"]) for row in rows if row.get("mfu")]
-    return (statistics.median(speeds) if speeds else None), (statistics.median(mfus) if mfus else None)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(PretrainConfig, argv, __doc__)
+def run(config: PretrainConfig) -> dict[str, Any]:
+    """Pretrain as `config` says; returns the run summary (the model folder in output_dir/model)."""
     accelerator = make_accelerator(config)
     precision = resolve_precision(config.mixed_precision)
-    try:
-        train, held_out, meta = load_corpus(config.data, config.block_size)
-        tokenizer = load_tokenizer(config, meta)
-        vocab_size = model_vocab_size(config, len(tokenizer))
-    except ValueError as error:  # DataError included
-        raise SystemExit(f"error: {error}") from None
+    train, held_out, meta = load_corpus(config.data, config.block_size)
+    tokenizer = load_tokenizer(config, meta)
+    vocab_size = model_vocab_size(config, len(tokenizer))
     sequences_per_step = config.global_batch_size
     if len(train) < sequences_per_step:
-        raise SystemExit(
-            f"error: {config.data} holds {len(train)} training sequences of {config.block_size} tokens, "
+        raise DataError(
+            f"--data {config.data} holds {len(train)} training sequences of {config.block_size} tokens, "
             f"fewer than one optimizer step's {sequences_per_step}"
         )
     if meta["held_out_tokens"] and not len(held_out):
-        raise SystemExit(f"error: the held-out shard is shorter than one sequence of {config.block_size} tokens")
+        raise DataError(
+            f"--data {config.data}: the held-out shard is shorter than one {config.block_size}-token sequence"
+        )
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 matmuls left outside autocast
     model = build_model(phi_config(config.size, vocab_size, tokenizer.eos_token_id), accelerator.device)
@@ -316,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = peak_flops(accelerator.device, precision, config.peak_tflops)
     hub_datasets = [source["hub_dataset"] for source in meta["sources"].values() if source["hub_dataset"]]
     datasets = tuple(dict.fromkeys([*config.datasets, *hub_datasets]))
-    command = command_line("training.pretrain", argv)
     if accelerator.is_main_process:
         tqdm.write(
             f"{config.size}: {parameters / 1e6:.1f} M parameters, {flops / 1e9:.2f} GFLOP per token; "
@@ -330,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def card(folder: Path, summary: dict[str, Any]) -> str:
         tokens = summary["steps"] * config.global_batch_size * config.block_size
-        return model_card(
+        return language_model_card(
+            folder,
             title=config.name or f"{config.size}-pretrained",
             summary=(
                 f"A phi-1.5-architecture language model ({config.size} shape, {parameters / 1e6:,.1f} M parameters) "
@@ -339,14 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{config.lr:g}, {precision} mixed precision, {summary['world_size']} device(s). Load it with "
                 "`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`."
             ),
-            base_models=[],
-            library_name="transformers",
-            pipeline_tag="text-generation",
             datasets=datasets,
-            tags=["phi", "pretraining", "from-scratch", "causal-lm"],
-            command=command,
-            metrics={name: summary[name] for name in SUMMARY_METRICS if name in summary},
-            has_plot=(folder.parent / "loss.png").is_file(),
+            command=config.command_line(MODULE),
+            run_summary=summary,
         )
 
     stage = Stage(
@@ -355,11 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         collate,
         train,
         held_out,
-        save,
-        datasets=datasets,
+        save_weights=save,
+        card=card,
         count_tokens=lambda batch: batch["input_ids"].numel(),
         sample=lambda model, count: sample_continuations(model, count, held_out, tokenizer),
-        card=card,
         folder="model",
         flops_per_token=flops,
         peak_flops=peak,
@@ -374,6 +355,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         utilisation = "n/a" if mfu is None else f"{mfu:.1%}"
         tqdm.write(f"throughput: {speed} tokens/s, MFU {utilisation}; model folder: {config.output_dir}/model")
     return summary
+
+
+@command
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(parse_config(PretrainConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -16,20 +16,20 @@ Several GPUs (same flags; the global batch stays 256, accumulation adapts):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from inference.config import PHI2_ID, TINYCLIP_ID, Manifest, ProjectorConfig, ProjectorType, TemplateName
-from inference.loading import save_weights
+from inference.cli import command
+from inference.config import PHI2_ID, TINYCLIP_ID, Manifest, TemplateName
+from inference.loading import build_model, new_manifest, pretrained
 from inference.model import MultimodalPhi
-from inference.projector import build_projector
-from inference.vision import VisionTower
-from training.config import ImageTextConfig, command_line, option, parse_config
-from training.data import stage_data
+from training.config import ImageTextConfig, option, parse_config
+from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
-from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
+from training.multimodal import multimodal_stage
+from training.optim import precision_dtype, resolve_precision
+from training.trainer import Trainer, make_accelerator
+
+MODULE = "training.stage1_align"
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Stage1Config(ImageTextConfig):
     vision_model: str = option(TINYCLIP_ID, "Hub id or folder of the frozen CLIP vision model")
     vision_feature_layer: int = option(-2, "hidden state fed to the projector: -2 penultimate (LLaVA), -1 last")
     projector: Literal["mlp2x_gelu", "linear"] = option("mlp2x_gelu", "projector architecture")
-    max_length: int = option(128, "token limit per caption (the image counts as one)")
+    max_length: int = option(128, "position limit per caption (the image counts as its 49 patch positions)")
     name: str = option("stage1-projector", "name recorded in the weights manifest")
 
 
@@ -47,43 +47,38 @@ class Stage1Config(ImageTextConfig):
 COCO_DATASETS = ("lmms-lab/COCO-Caption2017",)
 
 
-def build_model(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, ProjectorConfig]:
+def build(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, Manifest]:
     """Frozen tokenizer, language model and vision tower from the config's ids, and a new projector."""
-    tokenizer = AutoTokenizer.from_pretrained(config.language_model)
-    language_model = AutoModelForCausalLM.from_pretrained(config.language_model, dtype=precision_dtype(precision))
-    language_model.requires_grad_(False)
-    tower = VisionTower.from_pretrained(config.vision_model, config.vision_feature_layer)
-    projector_config = ProjectorConfig(ProjectorType(config.projector), tower.width, language_model.config.hidden_size)
-    projector = build_projector(projector_config)  # seeded by make_accelerator: identical on every rank
-    return MultimodalPhi(tower, projector, language_model, tokenizer.eos_token_id), tokenizer, projector_config
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(Stage1Config, argv, __doc__)
-    accelerator = make_accelerator(config)
-    model, tokenizer, projector_config = build_model(config, resolve_precision(config.mixed_precision))
-    cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer)
-    train, evaluation, collator = stage_data(
-        config, TemplateName.PLAIN, tokenizer, cache, model.vision_tower.image_size
+    manifest = new_manifest(
+        config.name,
+        config.language_model,
+        config.vision_model,
+        config.vision_feature_layer,
+        config.projector,
+        TemplateName.PLAIN,
     )
+    frozen = pretrained(precision_dtype(precision))
+    # The new projector is seeded by make_accelerator: identical on every rank.
+    model, tokenizer = build_model(manifest, None, lambda reference: frozen(reference).requires_grad_(False))
+    return model, tokenizer, manifest
 
-    def save(model: MultimodalPhi, folder: Path, summary: dict[str, Any]) -> None:
-        manifest = Manifest(
-            name=config.name,
-            language_model=config.language_model,
-            vision_model=config.vision_model,
-            vision_feature_layer=config.vision_feature_layer,
-            image_tokens=model.vision_tower.num_patches,
-            projector=projector_config,
-            template=TemplateName.PLAIN,
-            adapter=False,
-            training={"stage": "stage1_align", "command": command_line("training.stage1_align", argv), **summary},
-        )
-        save_weights(folder, manifest, model.projector)
 
+def run(config: Stage1Config) -> dict[str, Any]:
+    """Train the projector as `config` says; returns the run summary (weights in output_dir/weights)."""
+    accelerator = make_accelerator(config)
+    cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer)
+    train, held_out = load_splits(config, cache)
+    model, tokenizer, manifest = build(config, resolve_precision(config.mixed_precision))
+    collator = stage_collator(config, TemplateName.PLAIN, tokenizer, cache, model.vision_tower)
     parameters = [{"params": list(model.projector.parameters()), "lr": config.lr}]
-    stage = Stage(model, parameters, collator, train, evaluation, save, datasets=COCO_DATASETS)
+    training = {"stage": "stage1_align", "command": config.command_line(MODULE)}
+    stage = multimodal_stage(model, manifest, parameters, collator, train, held_out, training, COCO_DATASETS)
     return Trainer(config, stage, accelerator).fit()
+
+
+@command
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(parse_config(Stage1Config, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -24,18 +24,21 @@ from typing import Any
 import bitsandbytes
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from inference.cli import UsageError, command
 from inference.config import Manifest, TemplateName
-from inference.loading import resolve_model_reference, save_weights
+from inference.loading import build_model, resolve_model_reference
 from inference.model import MultimodalPhi
-from inference.projector import PROJECTOR_FILE, load_projector
-from inference.vision import VisionTower
-from training.config import ImageTextConfig, command_line, option, parse_config
-from training.data import stage_data
+from training.config import ImageTextConfig, option, parse_config
+from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
-from training.trainer import Stage, Trainer, make_accelerator, precision_dtype, resolve_precision
+from training.multimodal import multimodal_stage
+from training.optim import precision_dtype, resolve_precision
+from training.trainer import Trainer, make_accelerator
 
+MODULE = "training.stage2_instruct"
+INSTRUCT_DATASETS = ("liuhaotian/LLaVA-Instruct-150K",)
 PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # attention and MLP linears
 
 
@@ -58,9 +61,10 @@ class Stage2Config(ImageTextConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.stage1_weights:
-            raise ValueError("--stage1-weights is required")
-        if self.lora_r <= 0 or self.projector_lr <= 0:
-            raise ValueError("lora_r and projector_lr must be positive")
+            raise UsageError("--stage1-weights is required")
+        for name in ("lora_r", "projector_lr"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 def load_language_model(reference: str, config: Stage2Config, precision: str, device: torch.device) -> PeftModel:
@@ -111,53 +115,52 @@ def keep_training_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_model(config: Stage2Config, precision: str, device: torch.device) -> tuple[MultimodalPhi, Any, Manifest]:
-    """The stage-1 weights folder's models, with phi-2 wrapped for (Q)LoRA and the projector made trainable."""
+def instruct_manifest(config: Stage2Config) -> Manifest:
+    """The manifest of the weights this stage writes: the stage-1 folder's base models (references made
+    absolute, as the new weights live elsewhere), feature layer and projector, the chat template, an adapter."""
     folder = Path(config.stage1_weights)
     stage1 = Manifest.load(folder)
-    # References relative to the stage-1 folder are made absolute, as the new weights live elsewhere.
-    stage1 = replace(
+    return replace(
         stage1,
+        name=config.name,
         language_model=resolve_model_reference(folder, stage1.language_model),
         vision_model=resolve_model_reference(folder, stage1.vision_model),
+        template=TemplateName.PHI2_CHAT,
+        adapter=True,
+        training={},
     )
-    tokenizer = AutoTokenizer.from_pretrained(stage1.language_model)
-    language_model = load_language_model(stage1.language_model, config, precision, device)
-    tower = VisionTower.from_pretrained(stage1.vision_model, stage1.vision_feature_layer)
-    projector = load_projector(stage1.projector, folder / PROJECTOR_FILE).requires_grad_(True)
-    return MultimodalPhi(tower, projector, language_model, tokenizer.eos_token_id), tokenizer, stage1
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(Stage2Config, argv, __doc__)
+def build(config: Stage2Config, precision: str, device: torch.device) -> tuple[MultimodalPhi, Any]:
+    """The stage-1 weights folder's models, with phi-2 wrapped for (Q)LoRA and the projector made trainable."""
+    folder = Path(config.stage1_weights)
+    model, tokenizer = build_model(
+        Manifest.load(folder), folder, lambda reference: load_language_model(reference, config, precision, device)
+    )
+    model.projector.requires_grad_(True)
+    return model, tokenizer
+
+
+def run(config: Stage2Config) -> dict[str, Any]:
+    """Instruction-tune as `config` says; returns the run summary (weights in output_dir/weights)."""
     accelerator = make_accelerator(config)
-    model, tokenizer, stage1 = build_model(config, resolve_precision(config.mixed_precision), accelerator.device)
-    cache = open_cache(config.feature_cache, stage1.vision_model, stage1.vision_feature_layer)
-    train, evaluation, collator = stage_data(
-        config, TemplateName.PHI2_CHAT, tokenizer, cache, model.vision_tower.image_size
-    )
-    lora_parameters = [p for p in model.language_model.parameters() if p.requires_grad]
+    manifest = instruct_manifest(config)
+    cache = open_cache(config.feature_cache, manifest.vision_model, manifest.vision_feature_layer)
+    train, held_out = load_splits(config, cache)
+    model, tokenizer = build(config, resolve_precision(config.mixed_precision), accelerator.device)
+    collator = stage_collator(config, TemplateName.PHI2_CHAT, tokenizer, cache, model.vision_tower)
     param_groups = [
-        {"params": lora_parameters, "lr": config.lr},
+        {"params": [p for p in model.language_model.parameters() if p.requires_grad], "lr": config.lr},
         {"params": list(model.projector.parameters()), "lr": config.projector_lr},
     ]
-
-    def save(model: MultimodalPhi, folder: Path, summary: dict[str, Any]) -> None:
-        manifest = Manifest(
-            name=config.name,
-            language_model=stage1.language_model,
-            vision_model=stage1.vision_model,
-            vision_feature_layer=stage1.vision_feature_layer,
-            image_tokens=stage1.image_tokens,
-            projector=stage1.projector,
-            template=TemplateName.PHI2_CHAT,
-            adapter=True,
-            training={"stage": "stage2_instruct", "command": command_line("training.stage2_instruct", argv), **summary},
-        )
-        save_weights(folder, manifest, model.projector, adapter_model=model.language_model)
-
-    stage = Stage(model, param_groups, collator, train, evaluation, save, datasets=("liuhaotian/LLaVA-Instruct-150K",))
+    training = {"stage": "stage2_instruct", "command": config.command_line(MODULE)}
+    stage = multimodal_stage(model, manifest, param_groups, collator, train, held_out, training, INSTRUCT_DATASETS)
     return Trainer(config, stage, accelerator).fit()
+
+
+@command
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(parse_config(Stage2Config, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The training loop every stage shares.
+"""The training loop every stage shares, knowing nothing of what it trains.
 
 One process per device (plain `python`, `torchrun` or `accelerate launch`; accelerate picks DDP, on
 GPUs over NCCL or on CPUs over gloo). Each optimizer step takes `global_batch_size` samples: micro-
@@ -7,19 +7,15 @@ into whole optimizer steps and dealt out to the ranks, so a resumed run sees exa
 uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, step, every rank's RNG
 state, the config) are written to a temporary folder and renamed into place.
 
-A `Stage` supplies the model, data and saving. The multimodal stages use its defaults (image-aware token
-counts, answers generated for held-out conversations, the weights manifest's model card); a text-only
-stage such as pretraining passes its own `count_tokens`, `sample` and `card` callables.
+A `Stage` gives the loop everything stage-specific, as arguments: the model and its parameter groups,
+data and collator, how to count a batch's tokens, how to sample generations, how to save the weights
+and write their card. The multimodal stages build theirs with `training.multimodal.multimodal_stage`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import math
-import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,75 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from inference.config import GenerationOptions
-from inference.hub import PublishError, complete_folder, push_folder
-from inference.model import MultimodalPhi
-from inference.prompt import Conversation, Turn, render
+from inference.cli import UsageError
+from training.checkpoint import CHECKPOINT, rng_state, set_rng_state, trainable_checksum
 from training.config import TrainConfig
-from training.data import Collator, to_device, token_count
-from training.push import weights_card
+from training.data import to_device
+from training.optim import build_optimizer, lr_factor, resolve_precision
+from training.publish import PublishError, complete_folder, push_folder
+from training.run_log import append_row, plot_losses, truncate_log
 
-CHECKPOINT = "checkpoint"
-LOG_FIELDS = ["step", "epoch", "train_loss", "eval_loss", "lr", "samples_per_s", "tokens_per_s", "gpu_mem_gb", "mfu"]
 SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
-
-
-def resolve_precision(setting: str) -> str:
-    """'auto' → bf16 on GPUs that support it, fp16 on other GPUs, no mixed precision on the CPU."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    """Storage dtype for frozen weights under a mixed-precision setting: half the memory, same autocast math."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """torch AdamW, or one of bitsandbytes' 8-bit optimizers (blockwise-quantised moments, 1 byte each).
-
-    `adam8bit` is `bitsandbytes.optim.Adam8bit`, the class the original pretraining run used; bitsandbytes
-    applies its weight decay to the weights directly, as AdamW does.
-    """
-    kwargs = {"betas": config.betas, "weight_decay": config.weight_decay}
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, **kwargs)
-    import bitsandbytes
-
-    optimizers = {
-        "adam8bit": bitsandbytes.optim.Adam8bit,
-        "adamw8bit": bitsandbytes.optim.AdamW8bit,
-        "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit,
-    }
-    if config.optimizer not in optimizers:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw or one of {sorted(optimizers)}")
-    return optimizers[config.optimizer](param_groups, **kwargs)
-
-
-def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """Linear-warmup length: a config's own `warmup_steps` field (pretraining) when ≥ 0, else warmup_ratio."""
-    steps = getattr(config, "warmup_steps", -1)
-    return steps if steps >= 0 else round(config.warmup_ratio * total_steps)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: int, epoch: int, rank: int):
@@ -114,25 +56,19 @@ def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: in
 
 @dataclass
 class Stage:
-    """What a training stage gives the loop.
+    """What a training stage gives the loop."""
 
-    The optional callables default to the multimodal stages' behaviour; a text-only stage sets them.
-    """
-
-    model: torch.nn.Module  # MultimodalPhi for the multimodal stages; any module whose forward returns .loss
+    model: torch.nn.Module  # any module whose forward(**batch) returns an output with .loss
     param_groups: list[dict[str, Any]]  # torch optimizer groups over the trainable parameters
     collator: Callable[[list[Any]], dict[str, Any]]  # examples → the model's keyword arguments
     train: Sequence[Any]  # training examples, indexed by the seeded data order
     eval: Sequence[Any]  # held-out examples (empty: no evaluation)
-    save_weights: Callable[[Any, Path, dict[str, Any]], None]  # writes the final weights folder
-    datasets: tuple[str, ...] = ()  # Hub ids of the training data, for the model card
-    # Positions the model processes in a batch (for tokens/s); None = text plus expanded image placeholders.
-    count_tokens: Callable[[dict[str, Any]], int] | None = None
-    # (model, how many) → sample records {"id", "reference", "generated", ...}; None = answers to held-out
-    # conversations. Called on the main process only, without gradients, under autocast.
+    save_weights: Callable[[Any, Path, dict[str, Any]], None]  # (model, folder, run summary) → the final folder
+    card: Callable[[Path, dict[str, Any]], str]  # (published folder, run summary) → its model card
+    count_tokens: Callable[[dict[str, Any]], int]  # positions the model processes for a batch (tokens/s)
+    # (model, how many) → sample records {"id", "reference", "generated", ...}; called on the main process
+    # only, without gradients, under autocast. None: no samples.
     sample: Callable[[Any, int], list[dict[str, Any]]] | None = None
-    # (published folder, run summary) → model card text; None = the multimodal weights manifest's card.
-    card: Callable[[Path, dict[str, Any]], str] | None = None
     folder: str = "weights"  # name of the published folder inside output_dir
     # Model FLOPs per trained token (forward and backward, recomputation not counted) and one device's peak
     # FLOP/s: with both, the log reports model FLOPs utilisation (MFU).
@@ -156,7 +92,7 @@ class Trainer:
                 f"{len(stage.train)} training examples do not fill one global batch of {config.global_batch_size}"
             )
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        warmup = warmup_steps(config, self.total_steps)
+        warmup = config.warmup_for(self.total_steps)
         self.trainable = [p for group in stage.param_groups for p in group["params"]]
         optimizer = build_optimizer(config, stage.param_groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -242,7 +178,7 @@ class Trainer:
         for index in range(self.accumulation):
             batch = to_device(next(micro_batches), self.accelerator.device)
             samples += len(batch["input_ids"])
-            tokens += self.count_tokens(batch)
+            tokens += self.stage.count_tokens(batch)
             last = index == self.accumulation - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             with nullcontext() if last else self.accelerator.no_sync(self.model):
@@ -259,11 +195,6 @@ class Trainer:
         stats = torch.tensor([total, samples, tokens], dtype=torch.float64, device=self.accelerator.device)
         stats = self.accelerator.reduce(stats, reduction="sum")
         return stats[0].item() / self.world, int(stats[1]), int(stats[2])
-
-    def count_tokens(self, batch: dict[str, Any]) -> int:
-        if self.stage.count_tokens is not None:
-            return self.stage.count_tokens(batch)
-        return token_count(batch, self.unwrapped.vision_tower.num_patches)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation: the FLOP/s the model's arithmetic needs over what the devices peak at."""
@@ -319,49 +250,20 @@ class Trainer:
         return eval_loss
 
     def write_samples(self, model: torch.nn.Module) -> None:
-        """Sample generations (the stage's, or answers to held-out conversations), printed and logged."""
+        """The stage's sample generations, printed and appended to samples.jsonl."""
         if self.stage.sample is None:
-            records = self.conversation_samples(model)
-        else:
-            with self.accelerator.autocast():
-                records = self.stage.sample(model, self.config.samples)
+            return
+        with self.accelerator.autocast():
+            records = self.stage.sample(model, self.config.samples)
         with open(self.output / "samples.jsonl", "a") as log:
             for record in records:
                 log.write(json.dumps({"step": self.step, **record}) + "\n")
                 name, reference, generated = record["id"], record["reference"], record["generated"]
                 tqdm.write(f"  [{name}] reference: {reference!r}\n  [{name}] generated: {generated!r}")
 
-    def conversation_samples(self, model: MultimodalPhi) -> list[dict[str, Any]]:
-        """Greedy answers for the first held-out conversations (with their images)."""
-        options = GenerationOptions(max_new_tokens=SAMPLE_TOKENS)
-        collator: Collator = self.stage.collator
-        records = []
-        for example in self.stage.eval[: self.config.samples]:
-            turns = example.conversation.turns
-            question = Conversation((*turns[:-1], Turn(turns[-1].question)), example.conversation.has_image)
-            prompt = render(collator.template, question, collator.tokenizer, add_generation_prompt=True)
-            batch = to_device(collator([example]), self.accelerator.device)
-            image_embeds = None
-            if example.image is not None:
-                image_embeds = model.encode_images(
-                    batch.get("pixel_values"), image_features=batch.get("image_features")
-                )
-            with self.accelerator.autocast():
-                tokens = model.generate(prompt.input_ids, image_embeds, options)
-            answer = collator.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            records.append({"id": example.id, "reference": turns[-1].answer, "generated": answer})
-        return records
-
     def write_log(self, row: dict[str, Any]) -> None:
-        if not self.main:
-            return
-        path = self.output / "log.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({key: ("" if value is None else value) for key, value in row.items()})
+        if self.main:
+            append_row(self.output / "log.csv", row)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {
@@ -403,7 +305,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         folder = self.output / CHECKPOINT
         if not (folder / "trainer.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+            raise UsageError(f"--resume: no checkpoint in {folder}")
         state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
         if state["world_size"] != self.world:
             raise ValueError(
@@ -454,11 +356,7 @@ class Trainer:
         """
         folder = self.output / self.stage.folder
         self.stage.save_weights(self.unwrapped, folder, summary)
-        if self.stage.card is not None:
-            card = self.stage.card(folder, summary)
-        else:
-            card = weights_card(folder, summary, self.stage.datasets)
-        complete_folder(folder, self.output, card)
+        complete_folder(folder, self.output, self.stage.card(folder, summary))
         if not self.config.push_to_hub:
             return
         message = f"{'Final weights' if final else 'Checkpoint'} at step {self.step}"
@@ -468,67 +366,6 @@ class Trainer:
             if final:
                 raise
             tqdm.write(f"warning: {error}")
-
-
-def trainable_checksum(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from (the interrupted run's tail)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as file:
-        rows = [row for row in csv.DictReader(file) if int(row["step"]) <= step]
-    temp = path.with_suffix(".tmp")
-    with open(temp, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temp, path)
-
-
-def plot_losses(log: Path, image: Path, title: str) -> None:
-    """Training and held-out loss against step, from log.csv, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    with open(log, newline="") as file:
-        rows = list(csv.DictReader(file))
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    for column, label in (("train_loss", "training"), ("eval_loss", "held-out")):
-        points = [(int(row["step"]), float(row[column])) for row in rows if row[column]]
-        if points:
-            axes.plot(*zip(*points, strict=True), marker="o" if column == "eval_loss" else None, label=label)
-    axes.set(xlabel="optimizer step", ylabel="loss", title=title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    temp = image.with_name(f".{image.name}")
-    figure.savefig(temp, format="png", dpi=100)
-    plt.close(figure)
-    os.replace(temp, image)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:

@@ -1,0 +1,55 @@
+"""Optimizers, learning-rate schedule and mixed precision for the training loop."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from training.config import TrainConfig
+
+
+def resolve_precision(setting: str) -> str:
+    """'auto' → bf16 on GPUs that support it, fp16 on other GPUs, no mixed precision on the CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """Storage dtype for frozen weights under a mixed-precision setting: half the memory, same autocast math."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """torch AdamW, or one of bitsandbytes' 8-bit optimizers (blockwise-quantised moments, 1 byte each).
+
+    `adam8bit` is `bitsandbytes.optim.Adam8bit`, the class the original pretraining run used; bitsandbytes
+    applies its weight decay to the weights directly, as AdamW does.
+    """
+    kwargs = {"betas": config.betas, "weight_decay": config.weight_decay}
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, **kwargs)
+    import bitsandbytes
+
+    optimizers = {
+        "adam8bit": bitsandbytes.optim.Adam8bit,
+        "adamw8bit": bitsandbytes.optim.AdamW8bit,
+        "paged_adamw8bit": bitsandbytes.optim.PagedAdamW8bit,
+    }
+    if config.optimizer not in optimizers:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adamw or one of {sorted(optimizers)}")
+    return optimizers[config.optimizer](param_groups, **kwargs)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
