@@ -1,5 +1,6 @@
 """The repository's promises: README commands, Space header, file map and dependencies."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -47,3 +48,43 @@ def test_dependencies_are_pinned_and_avoid_the_broken_ones():
     names = {re.split(r"[=<>]", package)[0].lower() for package in packages}
     assert not names & {"torchvision", "timm", "open_clip_torch", "open-clip-torch"}
     assert "torch==2.13.0" in packages
+
+
+def imports_of(path: Path) -> set[str]:
+    """The project modules a file imports (`inference.x`, `training.y`, `benchmarks.z`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.split(".")[0] in ("inference", "training", "benchmarks")}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def test_no_command_is_imported_for_its_helpers_and_benchmarks_stand_alone():
+    library = [*ROOT.glob("inference/*.py"), *ROOT.glob("training/*.py"), ROOT / "app.py"]
+    commands = {
+        module_name(path)
+        for path in library
+        if any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in ast.parse(path.read_text()).body)
+    }
+    assert {"training.stage1_align", "training.pretrain", "training.push"} <= commands
+    for path in library:
+        assert not imports_of(path) & commands, f"{path.name} imports a command: {imports_of(path) & commands}"
+    for path in ROOT.glob("benchmarks/*.py"):
+        assert not {name for name in imports_of(path) if name.startswith("benchmarks")}, path.name
+
+
+def test_library_and_command_files_stay_readable_in_size():
+    for path in [*ROOT.glob("inference/*.py"), *ROOT.glob("training/*.py"), ROOT / "app.py"]:
+        assert len(path.read_text().splitlines()) <= 400, path.name
+
+
+def test_the_trainer_knows_nothing_multimodal():
+    forbidden = {"inference.model", "inference.prompt", "inference.vision", "training.multimodal"}
+    assert not imports_of(ROOT / "training" / "trainer.py") & forbidden
