@@ -163,7 +163,7 @@ class MultimodalPhi(nn.Module):
         )
         tokens = output.sequences[0].tolist()
         if prefixes is not None:
-            prefixes.put([*input_ids, *tokens], image_key, output.past_key_values)
+            prefixes.put([*input_ids, *tokens], image_key, output.cache)
         return tokens
 
 

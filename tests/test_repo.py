@@ -86,5 +86,5 @@ def test_library_and_command_files_stay_readable_in_size():
 
 
 def test_the_trainer_knows_nothing_multimodal():
-    forbidden = {"inference.model", "inference.prompt", "inference.vision", "training.multimodal"}
+    forbidden = {"inference.model", "inference.prompt", "inference.vision", "training.data", "training.multimodal"}
     assert not imports_of(ROOT / "training" / "trainer.py") & forbidden

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -163,7 +162,3 @@ def stage_collator(
     image_folder = config.image_folder or None
     image_tokens, image_size = vision_tower.num_patches, vision_tower.image_size
     return Collator(tokenizer, template, config.max_length, image_tokens, image_size, image_folder, cache)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

@@ -17,8 +17,8 @@ from inference.config import GenerationOptions, Manifest
 from inference.loading import save_weights
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn
-from training.data import Collator, Example, to_device
-from training.trainer import SAMPLE_TOKENS, Stage
+from training.data import Collator, Example
+from training.trainer import SAMPLE_TOKENS, Stage, to_device
 
 
 def count_positions(batch: dict[str, Any]) -> int:

@@ -33,12 +33,15 @@ from tqdm.auto import tqdm
 from inference.cli import UsageError
 from training.checkpoint import CHECKPOINT, rng_state, set_rng_state, trainable_checksum
 from training.config import TrainConfig
-from training.data import to_device
 from training.optim import build_optimizer, lr_factor, resolve_precision
 from training.publish import PublishError, complete_folder, push_folder
 from training.run_log import append_row, plot_losses, truncate_log
 
 SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: int, epoch: int, rank: int):
