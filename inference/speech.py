@@ -1,7 +1,15 @@
-"""Speech → text with openai-whisper, from a file path or a (sample_rate, samples) pair."""
+"""Speech → text with openai-whisper, from a file path or a (sample_rate, samples) pair.
+
+Whatever a visitor uploads, it costs at most what its first `max_seconds` cost: a file's duration is
+read from its container header (ffprobe reads no samples), and ffmpeg decodes only the first
+`max_seconds` (an input `-t`, so it stops reading there) instead of the whole file that
+`whisper.load_audio` would decode, however many hours it holds.
+"""
 
 from __future__ import annotations
 
+import math
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +24,7 @@ WINDOW_SECONDS = whisper.audio.CHUNK_LENGTH  # 30 s: whisper decodes one window 
 DEFAULT_WHISPER = "base.en"
 MIN_SECONDS = 0.1  # shorter than this holds no word
 SILENCE_PEAK = 1e-3  # peak amplitude (full scale = 1.0) below which a recording is treated as silent
+FFMPEG_TIMEOUT = 60  # seconds: reading a header or 30 s of any codec takes far less; a hostile file gets no more
 
 
 class AudioError(ValueError):
@@ -80,11 +89,11 @@ def load_audio(audio: AudioInput, max_seconds: float = WINDOW_SECONDS) -> tuple[
         path = Path(audio)
         if not path.is_file():
             raise AudioError(f"audio file {path.name!r} not found")
-        try:
-            samples = whisper.load_audio(str(path))
-        except RuntimeError as error:  # whisper raises RuntimeError with ffmpeg's message
-            raise AudioError(f"{path.name!r} could not be read as audio") from error
-        return samples[: int(max_seconds * WHISPER_RATE)], len(samples) / WHISPER_RATE
+        stated = stated_seconds(path)
+        # A little more than asked, so that a file whose header states no duration still shows it is longer.
+        samples = decode_start(path, max_seconds + 1.0)
+        seconds = stated if stated is not None else len(samples) / WHISPER_RATE
+        return samples[: int(max_seconds * WHISPER_RATE)], seconds
     if not (isinstance(audio, tuple) and len(audio) == 2):
         raise AudioError(f"expected a file path or a (sample_rate, samples) pair, got {type(audio).__name__}")
     rate, samples = int(audio[0]), to_mono_float(np.asarray(audio[1]))
@@ -92,6 +101,35 @@ def load_audio(audio: AudioInput, max_seconds: float = WINDOW_SECONDS) -> tuple[
         raise AudioError(f"invalid sample rate {rate}")
     # Cut before resampling, so a long recording costs no more than the part that is used.
     return resample(samples[: int(max_seconds * rate)], rate, WHISPER_RATE), len(samples) / rate
+
+
+def stated_seconds(path: Path) -> float | None:
+    """The duration a file's container header states, read by ffprobe without decoding; None when it states none."""
+    command = ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)]
+    result = _run(command, path)
+    try:
+        seconds = float(result.stdout.strip())
+    except ValueError:  # "N/A": a stream without a stated length
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def decode_start(path: Path, seconds: float) -> np.ndarray:
+    """The first `seconds` of any file ffmpeg reads, as mono float32 at 16 kHz; nothing after them is decoded."""
+    command = ["ffmpeg", "-nostdin", "-threads", "0", "-t", f"{seconds:.3f}", "-i", str(path)]
+    command += ["-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(WHISPER_RATE), "-"]
+    pcm = _run(command, path, text=False).stdout
+    return np.frombuffer(pcm, np.int16).astype(np.float32) / 32768.0
+
+
+def _run(command: list[str], path: Path, text: bool = True) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(command, capture_output=True, text=text, timeout=FFMPEG_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise AudioError(f"{path.name!r} took too long to read as audio") from None
+    if result.returncode != 0:
+        raise AudioError(f"{path.name!r} could not be read as audio")
+    return result
 
 
 def to_mono_float(samples: np.ndarray) -> np.ndarray:

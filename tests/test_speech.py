@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile
@@ -79,3 +85,62 @@ def test_resampling_keeps_pitch_and_duration(rate):
     spectrum = np.abs(np.fft.rfft(out))
     assert np.fft.rfftfreq(len(out), 1 / WHISPER_RATE)[spectrum.argmax()] == pytest.approx(pitch, abs=1)
     assert np.abs(out).max() == pytest.approx(1.0, abs=0.05)
+
+
+HOURS_OF_OPUS, HOURS_OF_SILENCE = 12, 2
+PEAK_PROBE = """
+import json, sys
+from inference.speech import load_audio
+
+def high_water_mark():
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+
+before = high_water_mark()
+results = []
+for path in sys.argv[1:]:
+    samples, seconds = load_audio(path)
+    results.append({"rise": high_water_mark() - before, "decoded": len(samples), "seconds": seconds})
+print(json.dumps(results))
+"""
+
+
+def ffmpeg(*arguments: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *arguments], check=True)
+
+
+@pytest.fixture(scope="module")
+def long_recordings(tmp_path_factory) -> dict[str, Path]:
+    """Made here, never committed: 12 hours of speech-band Opus (~25 MB, Gradio's upload limit) and 2 of FLAC silence.
+
+    A minute of noise is encoded once and its packets repeated (no re-encoding), so making them takes seconds.
+    """
+    folder = tmp_path_factory.mktemp("long-audio")
+    minute, opus, flac = folder / "minute.opus", folder / "hours.opus", folder / "silence.flac"
+    ffmpeg(
+        "-f", "lavfi", "-i", "anoisesrc=r=16000:a=0.3:d=60", "-ac", "1", "-c:a", "libopus", "-b:a", "6k", str(minute)
+    )
+    ffmpeg("-stream_loop", str(60 * HOURS_OF_OPUS - 1), "-i", str(minute), "-c", "copy", str(opus))
+    ffmpeg(
+        "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", str(3600 * HOURS_OF_SILENCE), "-c:a", "flac", str(flac)
+    )
+    return {"opus": opus, "flac": flac}
+
+
+def test_hours_of_audio_cost_only_their_first_30_seconds(long_recordings):
+    """Decoding the whole file (whisper.load_audio) would hold GBs of samples; only 30 s (+1) are decoded."""
+    paths = [str(long_recordings["opus"]), str(long_recordings["flac"])]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    probe = subprocess.run([sys.executable, "-c", PEAK_PROBE, *paths], capture_output=True, text=True, env=environment)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    for result, hours in zip(json.loads(probe.stdout), (HOURS_OF_OPUS, HOURS_OF_SILENCE), strict=True):
+        assert result["decoded"] == 30 * WHISPER_RATE  # the first 30 s, cut from the 31 s decoded
+        assert result["seconds"] == pytest.approx(3600 * hours, abs=1)  # from the header, without decoding it
+        assert result["rise"] < 200 * 2**20, result  # the process's peak memory, measured from before the first
+
+
+def test_a_long_recording_is_answered_from_its_first_30_seconds(transcriber, long_recordings):
+    transcript = transcriber(str(long_recordings["opus"]))
+    assert transcript.seconds == 30 and f"first 30 s of the {3600 * HOURS_OF_OPUS} s" in transcript.notice
+    with pytest.raises(AudioError, match="silent"):
+        transcriber(str(long_recordings["flac"]))
