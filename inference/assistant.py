@@ -132,9 +132,10 @@ class Assistant:
         text = ""
         try:
             for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text
+                text += piece
+                if piece and text.strip():
+                    # The first token carries the space after "ASSISTANT:"; the answer is the text after it.
+                    yield text.lstrip()
         finally:
             stop.set()
             thread.join()
@@ -176,7 +177,8 @@ class Assistant:
             history = []  # caption-only (stage 1) and the original project's weights answer every question afresh
         budget = self.max_positions - options.max_new_tokens
         for dropped in range(len(history) + 1):
-            turns = [Turn(q, a) for q, a in history[dropped:]] + [Turn(question)]
+            # Answers as training renders them: the template puts the one space after "ASSISTANT:" itself.
+            turns = [Turn(q.strip(), a.strip()) for q, a in history[dropped:]] + [Turn(question)]
             conversation = Conversation(tuple(turns))
             prompt = render(
                 self.manifest.template, conversation, self.tokenizer, True, image_tokens=self.manifest.image_tokens

@@ -31,7 +31,8 @@ def test_chat_streams_a_growing_answer_to_a_typed_question(assistant):
     model = assistant.model
     image_embeds = model.encode_images(pixels(model, make_shape_image("red")))
     tokens = model.generate(prompt_ids(assistant.tokenizer), image_embeds, SHORT)
-    assert replies[-1].answer == assistant.tokenizer.decode(tokens, skip_special_tokens=True)
+    # The answer is the decoded tokens without the space that follows "ASSISTANT:".
+    assert replies[-1].answer == assistant.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
 
 def test_the_image_is_encoded_once_per_conversation(assistant):
@@ -166,6 +167,27 @@ def test_streaming_grows_the_answer_and_stops_at_end_of_text(assistant):
     tokens = model.generate(prompt_ids(assistant.tokenizer), model.encode_images(pixels(model, image)), options)
     assert tokens[-1] == model.eos_token_id and len(tokens) < options.max_new_tokens
     assert assistant.tokenizer.decode(tokens[:-1]).strip() == answer
+
+
+def test_a_follow_up_is_rendered_as_training_renders_it_and_reuses_the_answer(assistant, monkeypatch):
+    """Turn 2's prompt is `render()` of the conversation with the model's own answer, and the KV cache of
+    turn 1 (its prompt and its answer) is reused, not only its prompt."""
+    image, first, second = make_shape_image("red"), "What is in this picture?", "Where is it?"
+    model, _ = overfit(assistant.model, assistant.tokenizer, Conversation((Turn(first, "A red circle."),)), image)
+    prompts, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, *args: prompts.append(list(ids)) or generate(ids, *args))
+    reused = reused_positions(assistant.prefixes, monkeypatch)
+    options = GenerationOptions(max_new_tokens=16)
+    answer = list(assistant.chat([], image, text=first, options=options))[-1].answer
+    list(assistant.chat([(first, answer)], image, text=second, options=options))
+
+    tokenizer, patches = assistant.tokenizer, assistant.manifest.image_tokens
+    conversation = Conversation((Turn(first, answer), Turn(second)))
+    assert prompts[1] == render(TemplateName.PHI2_CHAT, conversation, tokenizer, True, image_tokens=patches).input_ids
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    assert prompts[1][: len(prompts[0]) + len(answer_ids)] == prompts[0] + answer_ids
+    assert reused[1] == len(prompts[0]) + len(answer_ids)  # everything turn 1 computed, its answer included
+    assert answer == "A red circle."  # no leading space: the template adds the one after "ASSISTANT:"
 
 
 def test_closing_the_stream_stops_generation(assistant):
