@@ -1,10 +1,13 @@
 import io
 import itertools
+import logging
 import threading
+import warnings
 
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from inference import Assistant, GenerationOptions, InputError
 from inference.config import TemplateName
@@ -207,3 +210,29 @@ def test_errors_in_generation_reach_the_reader(assistant, monkeypatch):
     monkeypatch.setattr(assistant.model, "generate", broken)
     with pytest.raises(RuntimeError, match="the model failed"):
         list(assistant.chat([], make_shape_image("red"), text="What?", options=SHORT))
+
+
+def test_a_conversation_takes_no_deprecated_transformers_path(loaded):
+    """Deprecations are warnings (FutureWarning) or messages through transformers' logger, logged once per
+    process: the once-only memory is cleared, so an earlier test cannot hide one."""
+    transformers_logging.warning_once.cache_clear()
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = transformers_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+            history, image = [], make_shape_image("red")
+            for question in ("What is it?", "Where is it?"):  # the second reuses the first's KV cache
+                answer = list(assistant.chat(history, image, text=question, options=SHORT))[-1].answer
+                history.append((question, answer))
+    finally:
+        logger.removeHandler(handler)
+    future = [
+        str(warning.message) for warning in caught if issubclass(warning.category, FutureWarning | DeprecationWarning)
+    ]
+    assert not future
+    assert not [message for message in messages if "deprecat" in message.lower()]

@@ -81,11 +81,11 @@ def load_language_model(reference: str, config: Stage2Config, precision: str, de
         model = AutoModelForCausalLM.from_pretrained(
             reference, quantization_config=quantization, dtype=dtype, device_map={"": device}
         )
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
-        )
+        # peft's own checkpointing switch calls transformers' deprecated gradient_checkpointing_enable;
+        # with use_reentrant=False it adds nothing else, so checkpointing is switched on here instead.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if config.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         if device.type == "cpu":
             keep_training_layout(model)
     else:
