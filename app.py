@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -46,7 +46,9 @@ DEMO_BANNER = (
     "**Demo mode:** these are tiny *random* models built on this machine, so the answers and transcripts "
     "are meaningless. They show the interface working; start without `--demo` to serve trained weights."
 )
-DEFAULTS = GenerationOptions()
+# Uploads are deleted once this old (seconds; env UPLOAD_LIFETIME): a conversation can go on, or an answer
+# be retried, for that long after its image was uploaded. Spoken questions are deleted once answered.
+UPLOAD_LIFETIME = int(os.environ.get("UPLOAD_LIFETIME", 6 * 3600))
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,13 @@ def respond(
         raise gr.Error(str(error), print_exception=False) from None
 
 
-def generation_options(max_new_tokens: float, temperature: float, top_p: float) -> GenerationOptions:
+def generation_options(
+    defaults: GenerationOptions, max_new_tokens: float, temperature: float, top_p: float
+) -> GenerationOptions:
+    """The weights' defaults with the settings a user chose."""
     try:
-        return GenerationOptions(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=top_p)
+        chosen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+        return replace(defaults, **chosen)
     except (TypeError, ValueError) as error:
         raise gr.Error(f"Invalid setting: {error}", print_exception=False) from None
 
@@ -142,8 +148,16 @@ def header(assistant: Assistant, demo_mode: bool) -> str:
     return "\n\n".join(lines)
 
 
+def remove_upload(path: str | None) -> None:
+    """Delete a file Gradio received for this app (and only such a file) once nothing needs it."""
+    if path and Path(path).resolve().is_relative_to(Path(gr.utils.get_upload_folder()).resolve()):
+        Path(path).unlink(missing_ok=True)
+
+
 def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
-    with gr.Blocks(title="Ask about an image") as demo:
+    defaults = assistant.manifest.generation  # the weights' own answer length and sampling
+    sweep = max(1, min(UPLOAD_LIFETIME, 600))  # how often old uploads are looked for
+    with gr.Blocks(title="Ask about an image", delete_cache=(sweep, UPLOAD_LIFETIME)) as demo:
         gr.Markdown(header(assistant, demo_mode), elem_id="header")
         exchanges = gr.State([])
         text = gr.Textbox(  # rendered in the chat column; made first so the examples can fill it in
@@ -171,22 +185,23 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
                     retry = gr.Button("Retry last answer", elem_id="retry")
                     clear = gr.Button("Clear", elem_id="clear")
                 with gr.Accordion("Settings", open=False):
-                    max_new_tokens = gr.Slider(8, 1024, DEFAULTS.max_new_tokens, step=8, label="Max new tokens")
+                    max_new_tokens = gr.Slider(8, 1024, defaults.max_new_tokens, step=1, label="Max new tokens")
                     temperature = gr.Slider(
-                        0.0, 1.5, DEFAULTS.temperature, step=0.05, label="Temperature (0 = greedy, repeatable)"
+                        0.0, 1.5, defaults.temperature, step=0.05, label="Temperature (0 = greedy, repeatable)"
                     )
-                    top_p = gr.Slider(0.05, 1.0, DEFAULTS.top_p, step=0.05, label="Top-p (when sampling)")
+                    top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p (when sampling)")
         settings = [max_new_tokens, temperature, top_p]
 
         def answer(image, text, audio, exchanges, *settings):
-            yield from respond(assistant, image, text, audio, exchanges, generation_options(*settings))
+            yield from respond(assistant, image, text, audio, exchanges, generation_options(defaults, *settings))
+            remove_upload(audio)  # answered: the question is in the chat as text, the recording is not needed
 
         def answer_again(image, exchanges, *settings):
             exchanges = same_conversation(exchanges, image_key(image))
             if not exchanges:
                 raise gr.Error("There is no answer to retry yet.", print_exception=False)
             last = exchanges[-1]
-            options = generation_options(*settings)
+            options = generation_options(defaults, *settings)
             yield from respond(assistant, image, last.question, None, exchanges[:-1], options)
 
         # One generation at a time per CPU, whichever button started it; the queue shows the rest their place.

@@ -90,7 +90,7 @@ class Assistant:
         Yields a `Reply` whose `answer` grows as tokens arrive. Raises `InputError` for anything the user
         can fix (no image, no question, unreadable audio or image, too long a question).
         """
-        options = options or GenerationOptions()
+        options = options or self.manifest.generation  # the weights' own defaults
         if image is None:
             raise InputError("Upload an image first, then ask about it.")
         transcript = self._transcribe(audio) if audio is not None else None

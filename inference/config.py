@@ -62,6 +62,41 @@ class ProjectorConfig:
 
 
 @dataclass(frozen=True)
+class GenerationOptions:
+    """How an answer is generated. Greedy unless `temperature` is above zero."""
+
+    max_new_tokens: int = 256  # answer length limit, in tokens
+    temperature: float = 0.0  # 0 = greedy (deterministic); above 0 samples from softmax(logits / T)
+    top_p: float = 1.0  # nucleus sampling mass, used only when sampling
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages repeating tokens
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 2048:
+            raise ValueError(f"max_new_tokens must be an integer in [1, 2048], got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in [1, 2], got {self.repetition_penalty!r}")
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers `generate()`."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything needed to rebuild the served model from a weights folder."""
 
@@ -76,6 +111,8 @@ class Manifest:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     template: TemplateName = TemplateName.PHI2_CHAT
     adapter: bool = False  # True when the folder holds a peft LoRA adapter in adapter/
+    # How these weights answer by default (the app's settings start here; a user can change them).
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
     training: dict[str, Any] = field(default_factory=dict)  # the run that produced these weights
     format: int = MANIFEST_FORMAT
 
@@ -83,6 +120,11 @@ class Manifest:
         if isinstance(self.projector, dict):
             object.__setattr__(self, "projector", _from_dict(ProjectorConfig, self.projector, "projector"))
         object.__setattr__(self, "template", _enum(TemplateName, self.template, "template"))
+        if isinstance(self.generation, dict):
+            try:
+                object.__setattr__(self, "generation", _from_dict(GenerationOptions, self.generation, "generation"))
+            except ValueError as error:  # a value out of range
+                raise ManifestError(f"manifest generation settings: {error}") from None
         if self.format != MANIFEST_FORMAT:
             raise ManifestError(f"manifest format {self.format} is not supported (this code reads {MANIFEST_FORMAT})")
         for name in ("name", "language_model", "vision_model"):
@@ -120,41 +162,6 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How an answer is generated. Greedy unless `temperature` is above zero."""
-
-    max_new_tokens: int = 256  # answer length limit, in tokens
-    temperature: float = 0.0  # 0 = greedy (deterministic); above 0 samples from softmax(logits / T)
-    top_p: float = 1.0  # nucleus sampling mass, used only when sampling
-    repetition_penalty: float = 1.0  # 1 = off; >1 discourages repeating tokens
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 2048:
-            raise ValueError(f"max_new_tokens must be an integer in [1, 2048], got {self.max_new_tokens!r}")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise ValueError(f"temperature must be in [0, 5], got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not 1.0 <= self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in [1, 2], got {self.repetition_penalty!r}")
-
-    @property
-    def do_sample(self) -> bool:
-        return self.temperature > 0.0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for transformers `generate()`."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
 
 
 def atomic_write_text(path: Path, text: str) -> None:

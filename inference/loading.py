@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -101,13 +102,43 @@ def load_weights(
         with returning_freed_memory():  # the merge and the conversion free as much as they allocate
             language_model = pretrained(dtype)(reference)
             if manifest.adapter:
-                language_model = PeftModel.from_pretrained(language_model, str(adapter)).merge_and_unload()
+                language_model = merge_adapter(language_model, adapter)
             if precision is not None:
                 language_model = apply_precision(language_model, precision)
         return language_model
 
     model, tokenizer = build_model(manifest, folder, merged)
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
+
+
+def merge_adapter(language_model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """The peft adapter in `adapter` merged into `language_model`, once every one of its tensors was placed.
+
+    peft only warns about saved tensors whose names match no module of the model, and would then serve
+    the base model without them: here each saved tensor must have become a parameter of the model.
+    """
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ManifestError(f"{adapter} has no adapter_model.safetensors")
+    with safe_open(str(weights), "pt") as file:
+        saved = list(file.keys())
+    peft_model = PeftModel.from_pretrained(language_model, str(adapter))
+    placed = {name for name, _ in peft_model.named_parameters()}
+    missing = [name for name in saved if _adapter_parameter(name, peft_model.active_adapter) not in placed]
+    if missing:
+        raise ManifestError(
+            f"{len(missing)} of the {len(saved)} tensors of the adapter in {adapter} fit no module of the language "
+            f"model (first: {missing[0]}): it was made for another model, or its names are wrong"
+        )
+    return peft_model.merge_and_unload()
+
+
+def _adapter_parameter(saved_name: str, adapter_name: str) -> str:
+    """A saved adapter tensor's parameter name in the model: `...q_proj.lora_A.weight` → `...lora_A.default.weight`."""
+    module, _, tensor = saved_name.rpartition(".")
+    if tensor.startswith("lora_"):  # a parameter saved under its own name (LoRA embeddings)
+        return f"{saved_name}.{adapter_name}"
+    return f"{module}.{adapter_name}.{tensor}"
 
 
 def new_manifest(

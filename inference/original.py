@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from inference.config import (
     PHI2_ID,
     TINYCLIP_ID,
     TINYCLIP_PATCH_TOKENS,
+    GenerationOptions,
     Manifest,
     ManifestError,
     ProjectorConfig,
@@ -44,6 +46,7 @@ ORIGINAL_SPACE = "MadhurGarg/multi-modalLLM"
 CHECKPOINT_DIR = "model_chkpt"
 PROJECTION_FILE = "ft_projection.pth"
 ADAPTER_DIR = "qlora_adaptor"
+ORIGINAL_NEW_TOKENS = 50  # the original Space decoded exactly this many tokens: its weights never learned to stop
 # Where the imported folder is kept: beside the Hub cache, so it is made once per machine.
 DEFAULT_FOLDER = Path(os.environ.get("VQA_ORIGINAL_WEIGHTS", Path(HF_HOME) / "vqa-assistant" / "original-weights"))
 
@@ -54,8 +57,14 @@ def import_original(
     language_model: str = PHI2_ID,
     vision_model: str = TINYCLIP_ID,
     image_tokens: int = TINYCLIP_PATCH_TOKENS,
+    revision: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> Path:
-    """Convert the original checkpoint (a folder holding `model_chkpt/`, or `model_chkpt` itself)."""
+    """Convert the original checkpoint (a folder holding `model_chkpt/`, or `model_chkpt` itself).
+
+    `revision` (the Space's commit the files came from) is recorded in the manifest; when `folder`
+    already holds an import of another commit, `log` says that the original changed.
+    """
     checkpoint = Path(checkpoint)
     root = checkpoint / CHECKPOINT_DIR if (checkpoint / CHECKPOINT_DIR).is_dir() else checkpoint
     projection, adapter = root / PROJECTION_FILE, root / ADAPTER_DIR
@@ -71,9 +80,11 @@ def import_original(
         projector=ProjectorConfig(ProjectorType.LINEAR, projector.in_features, projector.out_features),
         template=TemplateName.ORIGINAL,
         adapter=True,
+        generation=GenerationOptions(max_new_tokens=ORIGINAL_NEW_TOKENS),
         training={
             "stage": "imported",
             "source": f"https://huggingface.co/spaces/{ORIGINAL_SPACE}",
+            "source_revision": revision,
             "note": (
                 f"The projector and QLoRA adapter published by the ERA-V1 capstone project (Space `{ORIGINAL_SPACE}`), "
                 "converted to this project's weights format: TinyCLIP's last-layer patch features, a linear "
@@ -82,11 +93,22 @@ def import_original(
             "command": "python -m training.import_original",
         },
     )
+    previous = _imported_revision(Path(folder))
+    if previous is not None and previous != revision:
+        log(f"the original Space's checkpoint changed since the last import ({previous} → {revision}): re-imported")
     with tempfile.TemporaryDirectory() as staging:
         converted = _convert_adapter(adapter, Path(staging) / "adapter", language_model)
         folder = save_weights(folder, manifest, projector, adapter_files=converted)
     atomic_write_text(folder / "README.md", weights_card(folder))
     return folder
+
+
+def _imported_revision(folder: Path) -> str | None:
+    """The Space commit an earlier import into `folder` recorded; None when there is none (or no import)."""
+    try:
+        return Manifest.load(folder).training.get("source_revision")
+    except ManifestError:
+        return None
 
 
 def _load_projection(path: Path) -> nn.Linear:
@@ -120,10 +142,13 @@ def _convert_adapter(source: Path, target: Path, language_model: str) -> Path:
     return target
 
 
-def original_weights(folder: str | Path | None = None) -> Path:
-    """The imported original checkpoint: downloaded and converted on first use, then reused offline."""
+def original_weights(folder: str | Path | None = None, refresh: bool = False) -> Path:
+    """The imported original checkpoint: downloaded and converted on first use, then reused offline.
+
+    With `refresh`, the Space is looked at again and its checkpoint re-imported (saying so when it changed).
+    """
     folder = Path(folder or DEFAULT_FOLDER)
-    if (folder / "manifest.json").is_file():
+    if (folder / "manifest.json").is_file() and not refresh:
         return folder
     try:
         snapshot = snapshot_download(
@@ -135,4 +160,4 @@ def original_weights(folder: str | Path | None = None) -> Path:
         raise ManifestError(
             f"the original checkpoint could not be downloaded from Space {ORIGINAL_SPACE}: {error_reason(error)}"
         ) from None
-    return import_original(snapshot, folder)
+    return import_original(snapshot, folder, revision=Path(snapshot).name)  # the Hub cache names it by commit

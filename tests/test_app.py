@@ -4,6 +4,7 @@ import gradio as gr
 import pytest
 
 import app
+from inference import GenerationOptions
 from tests.kit import make_shape_image
 
 
@@ -45,7 +46,7 @@ def test_user_errors_become_readable_gradio_errors(assistant):
 
 def test_invalid_settings_are_explained():
     with pytest.raises(gr.Error, match="top_p"):
-        app.generation_options(64, 0.5, 0.0)
+        app.generation_options(GenerationOptions(), 64, 0.5, 0.0)
 
 
 def test_demo_builds_over_an_assistant(assistant):

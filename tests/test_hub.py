@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionModel, PhiForCausalLM
 
 import app
@@ -225,7 +225,44 @@ def test_imported_original_checkpoint_answers_as_the_original_did(
     *_, reply = assistant.chat([("earlier?", "ignored")], image, question, options=GenerationOptions(tokens))
     expected = original_answer(original_checkpoint, gpt2_phi_dir, clip_dir, image, question, tokens)
     assert len(expected) > 0
-    assert reply.answer == loaded.tokenizer.decode(expected)
+    assert reply.answer == loaded.tokenizer.decode(expected).lstrip()  # shown without a leading space
+
+
+def test_the_original_answers_50_tokens_by_default_and_its_import_records_the_space_commit(
+    original_checkpoint, gpt2_phi_dir, clip_dir, tmp_path
+):
+    models = dict(language_model=str(gpt2_phi_dir), vision_model=str(clip_dir))
+    notes = []
+    folder = original.import_original(original_checkpoint, tmp_path / "imported", revision="aaa111", **models)
+    manifest = Manifest.load(folder)
+    assert manifest.generation.max_new_tokens == 50 and manifest.training["source_revision"] == "aaa111"
+    loaded = load_weights(folder, dtype=torch.float32)
+    assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    image, question = make_shape_image("red"), "What is in the picture?"
+    *_, reply = assistant.chat([], image, question)  # no options given: the weights' own
+    *_, fifty = assistant.chat([], image, question, options=GenerationOptions(max_new_tokens=50))
+    *_, longer = assistant.chat([], image, question, options=GenerationOptions(max_new_tokens=60))
+    assert reply.answer == fifty.answer != longer.answer  # the random weights never stop by themselves
+    demo_config = app.build_demo(assistant).config
+    sliders = [c["props"] for c in demo_config["components"] if c["props"].get("label") == "Max new tokens"]
+    assert sliders[0]["value"] == 50  # the app's setting starts from the weights' default
+
+    original.import_original(original_checkpoint, folder, revision="aaa111", log=notes.append, **models)
+    assert notes == []  # the same commit again: nothing to say
+    original.import_original(original_checkpoint, folder, revision="bbb222", log=notes.append, **models)
+    assert notes == ["the original Space's checkpoint changed since the last import (aaa111 → bbb222): re-imported"]
+    assert Manifest.load(folder).training["source_revision"] == "bbb222"
+
+
+def test_an_adapter_whose_tensors_fit_no_module_is_refused(weights_dir, tmp_path):
+    folder = tmp_path / "weights"
+    shutil.copytree(weights_dir, folder)
+    path = folder / "adapter" / "adapter_model.safetensors"
+    renamed = {name.replace("q_proj", "query"): tensor for name, tensor in load_file(path).items()}
+    save_file(renamed, path)  # as an adapter made for a model that names its attention differently
+    refused = pytest.raises(ManifestError, match=r"4 of the 24 tensors of the adapter .* fit no module")
+    with pytest.warns(UserWarning, match="missing adapter keys"), refused:  # peft itself only warns
+        load_weights(folder, dtype=torch.float32)
 
 
 def test_a_broken_original_checkpoint_is_refused(tmp_path):

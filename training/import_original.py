@@ -1,6 +1,6 @@
 """Import the original project's published checkpoint as a weights folder of this project.
 
-    python -m training.import_original                          # download it from the original Space once
+    python -m training.import_original                          # download (again) from the original Space
     python -m training.import_original --checkpoint COPY --out weights-original
 
 What it does and why is `inference.original`'s docstring; `app.py` calls the same function when it has
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> Path:
         "--out", type=Path, default=DEFAULT_FOLDER, help="weights folder to write (default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    folder = import_original(args.checkpoint, args.out) if args.checkpoint else original_weights(args.out)
+    refreshed = args.checkpoint is None  # downloads the Space's current files, saying if they changed
+    folder = original_weights(args.out, refresh=True) if refreshed else import_original(args.checkpoint, args.out)
     print(f"imported the original checkpoint into {folder}; serve it with: python app.py --weights {folder}")
     return folder
 
