@@ -32,7 +32,7 @@ from inference.cli import ArgumentParser, UsageError, command
 from inference.config import ManifestError
 from inference.original import original_weights
 from inference.precision import DEFAULT_PRECISION, Precision
-from inference.speech import DEFAULT_WHISPER
+from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
@@ -49,6 +49,10 @@ DEMO_BANNER = (
 # Uploads are deleted once this old (seconds; env UPLOAD_LIFETIME): a conversation can go on, or an answer
 # be retried, for that long after its image was uploaded. Spoken questions are deleted once answered.
 UPLOAD_LIFETIME = int(os.environ.get("UPLOAD_LIFETIME", 6 * 3600))
+# A recording stops by itself after this long (seconds; env MAX_RECORDING): whisper hears only the first
+# 30 s anyway. (The pinned Gradio's Audio has no length limit of its own, so the page stops it.)
+MAX_RECORDING = float(os.environ.get("MAX_RECORDING", WINDOW_SECONDS))
+STOP_RECORDING_JS = "() => setTimeout(() => document.querySelector('#audio button.stop-button')?.click(), {ms})"
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,7 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
         )
         generating = [asked, retried]
         stop.click(None, None, None, cancels=generating)
+        audio.start_recording(None, None, None, js=STOP_RECORDING_JS.format(ms=round(MAX_RECORDING * 1000)))
         clear.click(
             lambda: ([], [], "", None), None, [chatbot, exchanges, text, audio], cancels=generating, api_name="clear"
         )

@@ -6,6 +6,7 @@ path runs end to end: browser recording → upload → whisper → transcript in
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,16 @@ RECORD_STREAM = """() => {
 }"""
 
 
+MAX_RECORDING = 5  # seconds a recording may last here (30 in the app: whisper's window)
+
+
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("demo-app") / "app.log"
-    with serving_app(["--demo"], log) as url:
-        yield url
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MAX_RECORDING", str(MAX_RECORDING))
+        with serving_app(["--demo"], log) as url:
+            yield url
 
 
 @pytest.fixture
@@ -107,3 +113,13 @@ def test_typed_then_spoken_question_in_a_real_browser(page, tmp_path):
     expect(messages(page, "bot").nth(1)).not_to_have_text("")
     page.screenshot(path=tmp_path / "app.png", full_page=True)
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+def test_a_recording_stops_by_itself_at_its_maximum_length(page):
+    page.locator("#audio button.record-button").click()
+    started = time.monotonic()
+    # Nobody presses stop: the page does, and the recording is uploaded.
+    with page.expect_response(lambda response: "/gradio_api/upload" in response.url and response.ok):
+        pass
+    assert MAX_RECORDING - 0.5 < time.monotonic() - started < MAX_RECORDING + 10
+    expect(page.locator("#audio button.record-button")).to_have_count(0)  # a recording is ready to send

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import wave
 
 import numpy as np
@@ -125,3 +126,28 @@ def test_bad_input_gets_a_clear_message_and_the_server_keeps_serving(client, fil
 def test_very_long_audio_is_trimmed_and_still_answered(client, files):
     messages = ask(client, files["shape.png"], audio=files["long.wav"])
     assert text_of(messages[0]).startswith("🎤 ") and text_of(messages[1]).strip()
+
+
+def test_uploads_do_not_pile_up(weights_dir, whisper_path, speech_wav, tmp_path, monkeypatch):
+    """Spoken questions are deleted once answered; images once older than UPLOAD_LIFETIME (here 2 s)."""
+    uploads = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    monkeypatch.setenv("UPLOAD_LIFETIME", "2")
+    images = []
+    for number in range(5):
+        path = tmp_path / f"upload-{number}.png"
+        make_shape_image(["red", "green", "blue", "yellow", "white"][number], (64 + number, 64)).save(path)
+        images.append(handle_file(str(path)))
+    arguments = ["--weights", str(weights_dir), "--whisper", str(whisper_path)]
+    with serving_app(arguments, tmp_path / "app.log") as url:
+        client = Client(url, verbose=False)
+        ask(client, images[0], audio=handle_file(str(speech_wav)))
+        assert not list(uploads.rglob(speech_wav.name))  # answered: the recording is gone
+        for image in images[1:]:
+            ask(Client(url, verbose=False), image, "What is it?")
+        assert list(uploads.rglob("upload-*.png"))  # kept while their conversations can go on
+        deadline = time.monotonic() + 30
+        while list(uploads.rglob("upload-*.png")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not list(uploads.rglob("upload-*.png"))  # swept once older than their lifetime
+        ask(Client(url, verbose=False), images[0], "Still serving?")  # a new upload of the same image works
