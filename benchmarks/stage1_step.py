@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         (
             "one teacher-forced forward, tower on the fly",
             timed(
-                lambda: teacher_forced(model, captions, pixel_values=preprocess(images, 224)),
+                lambda: teacher_forced(model, captions, pixel_values=preprocess(images, TINYCLIP_61M.image_size)),
                 args.repeats,
             ),
         ),
