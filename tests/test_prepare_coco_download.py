@@ -19,6 +19,11 @@ class RangeHandler(BaseHTTPRequestHandler):
         requested = self.headers.get("Range")
         self.ranges.append(requested)
         start = int(requested.removeprefix("bytes=").rstrip("-")) if requested else 0
+        if start >= len(PAYLOAD):  # as a real server answers a range past the end
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = PAYLOAD[start:]
         self.send_response(206 if requested else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -53,3 +58,11 @@ def test_a_corrupt_download_is_deleted_and_reported(server, tmp_path):
     with pytest.raises(OSError, match=r"MD5 .* differs from the published 0+; the file was deleted"):
         download(server, tmp_path / "train2017.zip", "0" * 32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_killed_while_its_md5_was_checked_finishes(server, tmp_path):
+    """The whole file is in .part (the run died during the check): the server answers 416, and that is done."""
+    (tmp_path / "train2017.zip.part").write_bytes(PAYLOAD)
+    target = download(server, tmp_path / "train2017.zip", hashlib.md5(PAYLOAD).hexdigest())
+    assert RangeHandler.ranges == [f"bytes={len(PAYLOAD)}-"]
+    assert target.read_bytes() == PAYLOAD and not (tmp_path / "train2017.zip.part").exists()

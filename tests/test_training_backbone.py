@@ -2,17 +2,22 @@
 
 import itertools
 import math
+import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from inference.cli import UsageError
+from training.checkpoint import rng_state, set_rng_state
 from training.config import TrainConfig, parse_config
 from training.optim import lr_factor
 from training.stage1_align import Stage1Config
-from training.trainer import epoch_batches
+from training.trainer import Stage, Trainer, epoch_batches, make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--train-data", "train.json", "--image-folder", "images"]
@@ -52,10 +57,24 @@ def test_bad_settings_are_refused_with_a_reason(argv, message):
         parse_config(Stage1Config, argv)
 
 
-def test_unknown_yaml_fields_are_refused(tmp_path):
+def test_unknown_yaml_fields_are_refused_with_the_valid_ones(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
-    with pytest.raises(UsageError, match=re.escape("unknown fields ['learning_rate']")):
+    with pytest.raises(UsageError, match=re.escape("unknown fields ['learning_rate']; valid fields: [")):
         parse_config(Stage1Config, ["--config", str(tmp_path / "bad.yaml"), *REQUIRED])
+
+
+def test_yaml_values_are_converted_as_flags_are(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; it becomes the float a flag would, and a bad value is refused at once."""
+    (tmp_path / "recipe.yaml").write_text("lr: 1e-3\nweight_decay: 1e-2\nmax_grad_norm: 5e-1\nresume: true\n")
+    config = parse_config(Stage1Config, ["--config", str(tmp_path / "recipe.yaml"), *REQUIRED])
+    assert (config.lr, config.weight_decay, config.max_grad_norm, config.resume) == (1e-3, 1e-2, 0.5, True)
+    assert all(type(value) is float for value in (config.lr, config.weight_decay, config.max_grad_norm))
+    (tmp_path / "bad.yaml").write_text("weight_decay: lots\n")
+    with pytest.raises(UsageError, match=r"bad\.yaml: argument --weight-decay: invalid float value: 'lots'"):
+        parse_config(Stage1Config, ["--config", str(tmp_path / "bad.yaml"), *REQUIRED])
+    (tmp_path / "choice.yaml").write_text("projector: mlp3x\n")
+    with pytest.raises(UsageError, match="invalid choice"):
+        parse_config(Stage1Config, ["--config", str(tmp_path / "choice.yaml"), *REQUIRED])
 
 
 def test_warmup_is_a_typed_setting():
@@ -100,3 +119,54 @@ def test_each_optimizer_step_deals_disjoint_micro_batches_to_the_ranks():
     assert len(set(everything)) == 48
     assert epoch_batches(size, micro, world, accumulation, 7, 0, 0) == per_rank[0]  # reproducible
     assert epoch_batches(size, micro, world, accumulation, 7, 1, 0) != per_rank[0]  # reshuffled per epoch
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    """Resuming loads checkpoints with weights_only=True: the RNG state must be tensors and plain values."""
+    state = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    torch.save(state, tmp_path / "rng.pt")
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_warmup_is_capped_at_half_a_short_run_and_says_so(tmp_path, capsys):
+    """A 10-step run of a recipe with 2,000 warmup steps warms up over 5 and reaches its learning rate."""
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=10, warmup_steps=2000, global_batch_size=1, batch_size=1)
+    model = torch.nn.Linear(2, 1)
+    groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    no_output = dict(save_weights=lambda *args: None, card=lambda *args: "", count_tokens=len)
+    stage = Stage(model, groups, list, [0] * 10, [], **no_output)
+    trainer = Trainer(config, stage, make_accelerator(config))
+    factors = [trainer.scheduler.lr_lambdas[0](step) for step in range(10)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and max(factors) == 1.0
+    assert "warmup capped at 5 of this run's 10 steps (2000 asked)" in capsys.readouterr().out
+
+
+class Quadratic(torch.nn.Module):
+    """The smallest model the loop can train: its loss is the squared output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=self.linear(x).pow(2).mean())
+
+
+def test_a_run_without_held_out_data_still_ends_with_its_loss_plot(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=6, global_batch_size=2, batch_size=2, log_every=2)
+    config.num_workers = 0
+    model = Quadratic()
+
+    def collate(examples):
+        return {"x": torch.tensor(examples).view(-1, 1)}
+
+    def save(model, folder, summary):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    stage = Stage(model, [{"params": list(model.parameters())}], collate, [1.0] * 12, [], save, lambda *a: "", len)
+    Trainer(config, stage, make_accelerator(config)).fit()
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "weights" / "loss.png").is_file()  # and the published folder carries it

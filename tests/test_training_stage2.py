@@ -187,6 +187,12 @@ def test_evaluation_reports_loss_and_answer_accuracy(instruct_data, qlora_run, t
     assert "| exact match |" in capsys.readouterr().out
 
 
+def test_contains_match_is_on_whole_words():
+    assert evaluate.contains("red circle on left", "red circle") and evaluate.contains("it is 12", "12")
+    assert not evaluate.contains("not sure", "no") and not evaluate.contains("12 cats", "2")
+    assert not evaluate.contains("anything", "")
+
+
 def test_normalisation_for_answer_matching():
     assert evaluate.normalise("  The RED circle!! ") == "red circle"
     assert evaluate.normalise("On the left.") == "on left"

@@ -164,18 +164,45 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str | None =
     values: dict[str, Any] = {}
     config_file = args.pop("config")
     if config_file is not None:
-        if not config_file.is_file():
-            raise UsageError(f"--config {config_file}: no such file")
-        loaded = yaml.safe_load(config_file.read_text()) or {}
-        unknown = sorted(set(loaded) - {item.name for item in dataclasses.fields(cls)})
-        if unknown:
-            raise UsageError(f"{config_file} has unknown fields {unknown}")
-        values.update(loaded)
+        values.update(_typed_yaml(config_file, parser, {item.name for item in dataclasses.fields(cls)}))
     values.update(args)
     try:
         return cls(**values)
     except TypeError as error:
         raise UsageError(str(error)) from None
+
+
+def _typed_yaml(path: Path, parser: argparse.ArgumentParser, fields: set[str]) -> dict[str, Any]:
+    """A YAML config's values, converted and checked exactly as the same flags would be.
+
+    YAML 1.1 reads `lr: 1e-3` as a string; going through the flags' own types and choices makes it 0.001
+    and refuses what the command line would refuse, before any model is loaded.
+    """
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path} must hold field: value pairs")
+    unknown = sorted(set(loaded) - fields)
+    if unknown:
+        raise UsageError(f"{path} has unknown fields {unknown}; valid fields: {sorted(fields)}")
+    tokens, empty_lists = [], {}
+    for name, value in loaded.items():
+        if isinstance(value, bool):
+            tokens.append(flag(name) if value else f"--no-{flag(name)[2:]}")
+        elif isinstance(value, list | tuple):
+            if value:
+                tokens += [flag(name), *map(str, value)]
+            else:
+                empty_lists[name] = []  # nothing to convert
+        else:
+            tokens += [flag(name), str(value)]
+    try:
+        converted = vars(parser.parse_args(tokens))
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
+    converted.pop("config")  # a config file does not name another
+    return converted | empty_lists
 
 
 def _argument(hint: Any) -> dict[str, Any]:

@@ -32,6 +32,11 @@ from training.data import Collator, Example, load_examples
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+def contains(predicted: str, reference: str) -> bool:
+    """Whether the normalised reference appears in the normalised answer as whole words ("no" is not in "not")."""
+    return bool(reference) and re.search(rf"(?<!\S){re.escape(reference)}(?!\S)", predicted) is not None
+
+
 def normalise(text: str) -> str:
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return " ".join(ARTICLES.sub(" ", text).split())
@@ -76,7 +81,7 @@ def answer_accuracy(
                         "reference": turn.answer,
                         "answer": answer,
                         "exact": predicted == reference,
-                        "contains": bool(reference) and reference in predicted,
+                        "contains": contains(predicted, reference),
                     }
                 )
             history.append((turn.question, turn.answer))

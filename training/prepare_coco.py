@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.error
 import urllib.request
 import zipfile
 from collections import Counter
@@ -35,6 +36,7 @@ COCO_FILES = {
     "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2"),
 }
 CHUNK = 1 << 20  # 1 MiB per read while downloading and hashing
+HTTP_RANGE_NOT_SATISFIABLE = 416  # the server's answer to a range that starts at or after the file's end
 
 
 def md5(path: Path) -> str:
@@ -69,7 +71,13 @@ def download(url: str, path: Path, expected_md5: str, retries: int = 3) -> Path:
 def _fetch(url: str, part: Path) -> None:
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    try:
+        opened = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        if have and error.code == HTTP_RANGE_NOT_SATISFIABLE:
+            return  # nothing after the bytes we have: the .part is whole (a run was killed while checking it)
+        raise
+    with opened as response:
         if have and response.status != 206:  # the server ignored the range: start again
             have = 0
         total = int(response.headers.get("Content-Length", 0)) + have

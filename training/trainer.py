@@ -38,6 +38,9 @@ from training.publish import PublishError, complete_folder, push_folder
 from training.run_log import append_row, plot_losses, truncate_log
 
 SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
+# At most this share of a run warms up: a short run of a long recipe (pretraining's 2,000 warmup steps)
+# would otherwise end before reaching its learning rate. Half keeps the original 2,000 of 4,000.
+MAX_WARMUP_SHARE = 0.5
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -95,7 +98,10 @@ class Trainer:
                 f"{len(stage.train)} training examples do not fill one global batch of {config.global_batch_size}"
             )
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        warmup = config.warmup_for(self.total_steps)
+        requested = config.warmup_for(self.total_steps)
+        warmup = min(requested, int(MAX_WARMUP_SHARE * self.total_steps))
+        if warmup < requested and accelerator.is_main_process:
+            tqdm.write(f"warmup capped at {warmup} of this run's {self.total_steps} steps ({requested} asked)")
         self.trainable = [p for group in stage.param_groups for p in group["params"]]
         optimizer = build_optimizer(config, stage.param_groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -180,7 +186,7 @@ class Trainer:
         total, samples, tokens = 0.0, 0, 0
         for index in range(self.accumulation):
             batch = to_device(next(micro_batches), self.accelerator.device)
-            samples += len(batch["input_ids"])
+            samples += self.config.batch_size  # every micro-batch is whole (epoch_batches)
             tokens += self.stage.count_tokens(batch)
             last = index == self.accumulation - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -309,7 +315,7 @@ class Trainer:
         folder = self.output / CHECKPOINT
         if not (folder / "trainer.pt").is_file():
             raise UsageError(f"--resume: no checkpoint in {folder}")
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
         if state["world_size"] != self.world:
             raise ValueError(
                 f"the checkpoint was written by {state['world_size']} processes; this run has {self.world}"
@@ -323,7 +329,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=False))
+        set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
         if self.main:
             truncate_log(self.output / "log.csv", self.step)
             tqdm.write(f"resumed from {folder} at step {self.step}")
@@ -347,6 +353,8 @@ class Trainer:
         }
         if self.main:
             (self.output / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+            # Evaluations redraw the plot; a run without held-out data gets its training curve here.
+            plot_losses(self.output / "log.csv", self.output / "loss.png", title=self.output.name)
             self.publish(summary, final=True)
         self.accelerator.wait_for_everyone()
         return summary
