@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from transformers import (
 )
 
 from inference.config import Manifest, ManifestError, ProjectorConfig, ProjectorType, TemplateName
-from inference.hub import resolve_weights
+from inference.hub import error_reason, resolve_weights
 from inference.model import MultimodalPhi
 from inference.precision import Precision, apply_precision, returning_freed_memory
 from inference.projector import PROJECTOR_FILE, build_projector, load_projector, save_projector
@@ -61,16 +62,30 @@ def build_model(
     stage 1, with a (Q)LoRA for stage 2, with the adapter merged for serving and merging.
     """
     language_model_id = resolve_model_reference(folder, manifest.language_model)
-    tokenizer = AutoTokenizer.from_pretrained(language_model_id)
-    causal_lm = language_model(language_model_id)
     vision_model_id = resolve_model_reference(folder, manifest.vision_model)
-    vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
+    with _loading("language model", language_model_id):
+        tokenizer = AutoTokenizer.from_pretrained(language_model_id)
+        causal_lm = language_model(language_model_id)
+    with _loading("vision model", vision_model_id):
+        vision_tower = VisionTower.from_pretrained(vision_model_id, manifest.vision_feature_layer)
     if folder is None:
         projector = build_projector(manifest.projector)
     else:
         projector = load_projector(manifest.projector, folder / PROJECTOR_FILE)
     _check_shapes(manifest, vision_tower, causal_lm)
     return MultimodalPhi(vision_tower, projector, causal_lm, tokenizer.eos_token_id), tokenizer
+
+
+@contextmanager
+def _loading(kind: str, reference: str) -> Iterator[None]:
+    """A base model that cannot be found (a wrong folder, a Hub id offline and not cached) as one clear error."""
+    try:
+        yield
+    except OSError as error:
+        raise ManifestError(
+            f"the {kind} {reference!r} could not be loaded ({error_reason(error)}): give a local folder, or a Hub id "
+            "that is cached or reachable"
+        ) from None
 
 
 def pretrained(dtype: torch.dtype) -> LanguageModelLoader:
@@ -151,8 +166,10 @@ def new_manifest(
     adapter: bool = False,
 ) -> Manifest:
     """The manifest of new weights over two base models, their widths and patch count read from their configs."""
-    vision = CLIPVisionConfig.from_pretrained(vision_model)
-    text_width = AutoConfig.from_pretrained(language_model).hidden_size
+    with _loading("language model", language_model):
+        text_width = AutoConfig.from_pretrained(language_model).hidden_size
+    with _loading("vision model", vision_model):
+        vision = CLIPVisionConfig.from_pretrained(vision_model)
     return Manifest(
         name=name,
         language_model=language_model,

@@ -31,6 +31,9 @@ MISSING = "/no/such/place"
 def cases(tmp: Path) -> list[tuple[object, list[str], str]]:
     """(entry point, arguments with one mistake, what the one line must name)."""
     data = ["--train-data", f"{MISSING}/train.json", "--image-folder", str(tmp)]
+    (tmp / "empty.json").write_text("[]")
+    (tmp / "doc.txt").write_text("A document.")
+    readable = ["--train-data", str(tmp / "empty.json"), "--image-folder", str(tmp)]
     return [
         (app, ["--weights", MISSING], MISSING),
         (app, ["--precision", "int4"], "--precision"),
@@ -39,12 +42,19 @@ def cases(tmp: Path) -> list[tuple[object, list[str], str]]:
         (stage1_align, [*data, "--lr", "fast"], "--lr"),
         (stage1_align, ["--image-folder", str(tmp)], "--train-data"),
         (stage1_align, [*data, "--config", f"{MISSING}/recipe.yaml"], f"{MISSING}/recipe.yaml"),
+        (stage1_align, [*readable, "--language-model", MISSING], f"language model '{MISSING}'"),
+        (stage1_align, [*readable, "--language-model", "nobody/no-such-model"], "nobody/no-such-model"),
         (stage2_instruct, ["--stage1-weights", MISSING, *data], MISSING),
         (stage2_instruct, [*data, "--lora-r", "0", "--stage1-weights", "x"], "--lora-r"),
         (pretrain, ["--data", MISSING], MISSING),
         (pretrain, ["--data", "x", "--block-size", "4096"], "--block-size"),
         (prepare_text, ["--source", MISSING, "--out", str(tmp / "corpus")], MISSING),
         (prepare_text, ["--source", "x", "--out", str(tmp), "--held-out", "1.5"], "--held-out"),
+        (
+            prepare_text,
+            ["--source", str(tmp / "doc.txt"), "--out", str(tmp / "c"), "--tokenizer", MISSING],
+            "--tokenizer",
+        ),
         (prepare_coco, ["--coco-dir", MISSING, "--out", str(tmp)], MISSING),
         (prepare_instruct, ["--data", f"{MISSING}.json", "--image-folder", str(tmp), "--out", "x"], MISSING),
         (cache_features, ["--data", f"{MISSING}.json", "--image-folder", str(tmp), "--out", str(tmp)], MISSING),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from inference.hub import error_reason
 from training.data import DataError
@@ -31,6 +32,14 @@ SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HUB_PREFIX = "hf:"
 HUB_DEFAULT_PATTERNS = ["*.jsonl", "*.jsonl.gz", "*.parquet", "*.txt"]
 WRITE_CHUNK = 1 << 22  # tokens gathered in memory before a write (8 MiB)
+
+
+def open_tokenizer(reference: str) -> PreTrainedTokenizerBase:
+    """A corpus's tokenizer (Hub id or folder); one that cannot be found names the flag that chose it."""
+    try:
+        return AutoTokenizer.from_pretrained(reference)
+    except OSError as error:  # no such folder or repo, or offline with nothing cached
+        raise DataError(f"--tokenizer {reference} could not be loaded: {error_reason(error)}") from None
 
 
 # --- reading documents --------------------------------------------------------------------------

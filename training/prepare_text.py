@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from inference.cli import ArgumentParser, command
 from inference.config import atomic_write_text
-from inference.hub import error_reason
 from training.corpus import (
     FORMAT,
     HELD_OUT_FILE,
@@ -49,6 +48,7 @@ from training.corpus import (
     TOKEN_DTYPE,
     TRAIN_PATTERN,
     PackedWriter,
+    open_tokenizer,
     read_documents,
     source_files,
 )
@@ -247,10 +247,7 @@ def parse_weights(specs: Sequence[str] | None, names: Sequence[str]) -> dict[str
 
 
 def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(reference)
-    except OSError as error:  # no such folder or repo, or offline with nothing cached
-        raise DataError(f"--tokenizer {reference} could not be loaded: {error_reason(error)}") from None
+    tokenizer = open_tokenizer(reference)
     if tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer {reference} has no end-of-text token to separate documents with")
     if len(tokenizer) > MAX_VOCAB:

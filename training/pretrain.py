@@ -39,14 +39,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PhiConfig, PhiForCausalLM, PreTrainedTokenizerBase
+from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerBase
 
 from inference.cards import language_model_card
 from inference.cli import UsageError, command
 from inference.loading import replace_folder
 from inference.shapes import PHI15, PHI_SMALL
 from training.config import TrainConfig, option, parse_config
-from training.corpus import TokenWindows, load_corpus
+from training.corpus import TokenWindows, load_corpus, open_tokenizer
 from training.data import DataError
 from training.optim import resolve_precision
 from training.run_log import throughput
@@ -258,7 +258,7 @@ def save_model(model: PhiForCausalLM, tokenizer: PreTrainedTokenizerBase, folder
 def load_tokenizer(config: PretrainConfig, meta: dict[str, Any]) -> PreTrainedTokenizerBase:
     """The corpus's tokenizer (or --tokenizer), refused if its ids are not the ones the shards hold."""
     reference = config.tokenizer or meta["tokenizer"]
-    tokenizer = AutoTokenizer.from_pretrained(reference)
+    tokenizer = open_tokenizer(reference)
     if len(tokenizer) != meta["vocab_size"] or tokenizer.eos_token_id != meta["eos_token_id"]:
         raise DataError(
             f"tokenizer {reference} ({len(tokenizer)} ids, end-of-text {tokenizer.eos_token_id}) is not the one "
