@@ -133,7 +133,8 @@ def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruc
 
     # The training model: 4-bit phi-2 + unmerged LoRA + projector, restored from the final checkpoint.
     config = stage2_config(instruct_data, stage1_weights, output)
-    model, tokenizer = stage2_instruct.build(config, resolve_precision("auto"), torch.device("cpu"))
+    manifest = stage2_instruct.instruct_manifest(config)
+    model, tokenizer = stage2_instruct.build(config, manifest, resolve_precision("auto"), torch.device("cpu"))
     assert model.language_model.base_model.model.model.layers[0].mlp.fc1.base_layer.weight.dtype == torch.uint8
     trained = torch.load(output / "checkpoint" / "trainer.pt", weights_only=False)["trainable"]
     parameters = dict(model.named_parameters())

@@ -131,11 +131,12 @@ def instruct_manifest(config: Stage2Config) -> Manifest:
     )
 
 
-def build(config: Stage2Config, precision: str, device: torch.device) -> tuple[MultimodalPhi, Any]:
-    """The stage-1 weights folder's models, with phi-2 wrapped for (Q)LoRA and the projector made trainable."""
-    folder = Path(config.stage1_weights)
+def build(config: Stage2Config, manifest: Manifest, precision: str, device: torch.device) -> tuple[MultimodalPhi, Any]:
+    """`manifest`'s models (from `instruct_manifest`), with phi-2 wrapped for (Q)LoRA and the stage-1 projector
+    made trainable."""
+    folder = Path(config.stage1_weights)  # where the stage-1 projector is read
     model, tokenizer = build_model(
-        Manifest.load(folder), folder, lambda reference: load_language_model(reference, config, precision, device)
+        manifest, folder, lambda reference: load_language_model(reference, config, precision, device)
     )
     model.projector.requires_grad_(True)
     return model, tokenizer
@@ -147,7 +148,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     manifest = instruct_manifest(config)
     cache = open_cache(config.feature_cache, manifest.vision_model, manifest.vision_feature_layer)
     train, held_out = load_splits(config, cache)
-    model, tokenizer = build(config, resolve_precision(config.mixed_precision), accelerator.device)
+    model, tokenizer = build(config, manifest, resolve_precision(config.mixed_precision), accelerator.device)
     collator = stage_collator(config, TemplateName.PHI2_CHAT, tokenizer, cache, model.vision_tower)
     param_groups = [
         {"params": [p for p in model.language_model.parameters() if p.requires_grad], "lr": config.lr},
