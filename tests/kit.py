@@ -6,8 +6,10 @@ by `inference.tiny`, which `app.py --demo` uses too. Used by tests/conftest.py a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +26,10 @@ from transformers import PhiForCausalLM, PreTrainedTokenizerFast
 
 from inference.config import TemplateName
 from inference.prompt import PHI2_SYSTEM, Conversation, Turn, render
+from inference.shapes import PHI2
 from inference.tiny import EOS, wrap_tokenizer
 from inference.vision import preprocess
+from training.checkpoint import CRASH_AT
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +83,35 @@ def pretrain_tiny_phi(source: Path, folder: Path, texts: list[str], steps: int =
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def with_phi2_dropout(source: Path, folder: Path) -> Path:
+    """A copy of a tiny Phi that trains with phi-2's own dropout (resid_pdrop 0.1) instead of none."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "resid_pdrop": PHI2.resid_pdrop}))
+    return folder
+
+
+def run_killed(command: list[str], crash_at: str = "", kill_after: float | None = None, timeout: float = 300) -> int:
+    """Run a training command in a subprocess; SIGKILL it at a named point (`CRASH_AT`) or after a delay.
+
+    Returns its exit status: -SIGKILL when it was killed, 0 when it finished first.
+    """
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", CRASH_AT: crash_at}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if kill_after is not None:
+            try:
+                process.wait(kill_after)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    if process.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    return process.returncode
 
 
 def make_shape_image(colour: str = "red", size: tuple[int, int] = (96, 64), mode: str = "RGB") -> Image.Image:

@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from inference.cli import UsageError
-from training.checkpoint import rng_state, set_rng_state
+from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, recover, rng_state, set_rng_state
 from training.config import TrainConfig, parse_config
-from training.optim import lr_factor
+from training.losses import MAX_BAD_STEPS, TrainingStopped, summed_loss
+from training.optim import lr_factor, make_accelerator
 from training.stage1_align import Stage1Config
-from training.trainer import Stage, Trainer, epoch_batches, make_accelerator
+from training.trainer import Stage, Trainer, epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--train-data", "train.json", "--image-folder", "images"]
@@ -145,7 +146,7 @@ def test_warmup_is_capped_at_half_a_short_run_and_says_so(tmp_path, capsys):
 
 
 class Quadratic(torch.nn.Module):
-    """The smallest model the loop can train: its loss is the squared output."""
+    """The smallest model the loop can train: its loss is the squared output (NaN for a NaN input)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,8 +156,8 @@ class Quadratic(torch.nn.Module):
         return SimpleNamespace(loss=self.linear(x).pow(2).mean())
 
 
-def test_a_run_without_held_out_data_still_ends_with_its_loss_plot(tmp_path):
-    config = TrainConfig(output_dir=str(tmp_path), max_steps=6, global_batch_size=2, batch_size=2, log_every=2)
+def quadratic_trainer(output: Path, data: list[float], **settings) -> Trainer:
+    config = TrainConfig(output_dir=str(output), global_batch_size=2, batch_size=2, log_every=2, **settings)
     config.num_workers = 0
     model = Quadratic()
 
@@ -166,7 +167,87 @@ def test_a_run_without_held_out_data_still_ends_with_its_loss_plot(tmp_path):
     def save(model, folder, summary):
         folder.mkdir(parents=True, exist_ok=True)
 
-    stage = Stage(model, [{"params": list(model.parameters())}], collate, [1.0] * 12, [], save, lambda *a: "", len)
-    Trainer(config, stage, make_accelerator(config)).fit()
+    stage = Stage(model, [{"params": list(model.parameters())}], collate, data, [], save, lambda *a: "", len)
+    return Trainer(config, stage, make_accelerator(config))
+
+
+def test_a_run_without_held_out_data_still_ends_with_its_loss_plot(tmp_path):
+    quadratic_trainer(tmp_path, [1.0] * 12, max_steps=6).fit()
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "weights" / "loss.png").is_file()  # and the published folder carries it
+
+
+def test_steps_with_a_non_finite_loss_are_skipped_and_counted(tmp_path):
+    data = [1.0] * 10 + [math.nan] * 2  # six steps per epoch, one of them holds both NaNs at most
+    trainer = quadratic_trainer(tmp_path, data, max_steps=12, lr=1e-2)
+    summary = trainer.fit()
+    bad = sum(any(math.isnan(data[i]) for i in batch) for batch in epoch_batches(12, 2, 1, 1, 0, 0, 0))
+    bad += sum(any(math.isnan(data[i]) for i in batch) for batch in epoch_batches(12, 2, 1, 1, 0, 1, 0))
+    assert summary["skipped_steps"] == bad > 0
+    assert all(torch.isfinite(p).all() for p in trainer.unwrapped.parameters())  # no NaN reached the weights
+    assert math.isfinite(summary["final_train_loss"])
+
+
+def test_a_run_of_bad_steps_stops_with_a_message(tmp_path):
+    trainer = quadratic_trainer(tmp_path, [math.nan] * 20, max_steps=10)
+    with pytest.raises(TrainingStopped, match=f"{MAX_BAD_STEPS} steps in a row up to step {MAX_BAD_STEPS}"):
+        trainer.fit()
+
+
+def test_fp16_loss_scaler_state_is_saved_and_restored(tmp_path):
+    """accelerate makes a GradScaler only on CUDA; a CPU scaler stands in for it here (the GPU check runs fp16)."""
+    trainer = quadratic_trainer(tmp_path, [1.0] * 4, max_steps=2)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.accelerator.scaler.scale(torch.ones(()))
+    trainer.accelerator.scaler.update(2.0**7)  # a scale the run reached after overflows
+    trainer.save_checkpoint()
+    resumed = quadratic_trainer(tmp_path, [1.0] * 4, max_steps=2, resume=True)
+    resumed.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    resumed.load_checkpoint()
+    assert resumed.accelerator.scaler.get_scale() == 2.0**7
+
+
+def whole(folder: Path, step: int) -> Path:
+    """A sealed checkpoint folder whose trainer.pt records `step`."""
+    folder.mkdir(parents=True)
+    torch.save({"step": step}, folder / "trainer.pt")
+    (folder / COMPLETE).write_text("")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "left, expected",
+    [
+        ({CHECKPOINT: 2, STAGING: None}, 2),  # killed while writing: the half-written staging goes
+        ({CHECKPOINT: 2, STAGING: 3}, 2),  # killed after sealing, before the renames
+        ({OLD: 2, STAGING: 3}, 3),  # killed between the two renames
+        ({OLD: 2}, 2),  # only the previous one (killed before the staging was sealed, then renamed)
+        ({CHECKPOINT: 3, OLD: "partial"}, 3),  # killed while deleting the old one
+        ({}, None),
+    ],
+)
+def test_recovery_finds_the_newest_whole_checkpoint_and_clears_leftovers(tmp_path, left, expected):
+    for name, step in left.items():
+        if step is None:
+            (tmp_path / name).mkdir()
+            torch.save({"step": 3}, tmp_path / name / "trainer.pt")  # not sealed
+        elif step == "partial":
+            (tmp_path / name / "sub").mkdir(parents=True)
+        else:
+            whole(tmp_path / name, step)
+    found = recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if expected is None else [CHECKPOINT])
+    if expected is not None:
+        assert found == tmp_path / CHECKPOINT and torch.load(found / "trainer.pt")["step"] == expected
+
+
+def test_held_out_loss_weighs_every_supervised_token_alike():
+    class MeanOfLabels(torch.nn.Module):  # loss = mean of the supervised labels after the shift
+        def forward(self, labels):
+            shifted = labels[:, 1:]
+            return SimpleNamespace(loss=shifted[shifted != -100].float().mean())
+
+    long, short = torch.tensor([[0, 1, 1, 1, 1]]), torch.tensor([[0, 4, -100, -100, -100]])
+    sums = [summed_loss(MeanOfLabels(), {"labels": labels}) for labels in (long, short)]
+    assert sum(s for s, _ in sums) / sum(n for _, n in sums) == pytest.approx(8 / 5)  # not (1 + 4) / 2
+    assert summed_loss(MeanOfLabels(), {"labels": torch.tensor([[0, -100]])})[1] == 0

@@ -3,9 +3,12 @@
 import csv
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,9 +19,9 @@ from safetensors.torch import load_file
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.precision import Precision
-from tests.kit import killed_at_step, make_shape_image, pretrain_tiny_phi
+from tests.kit import make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
 from training import cache_features, prepare_coco, publish, stage1_align
-from training.checkpoint import trainable_checksum
+from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, trainable_checksum
 from training.data import Collator, load_examples
 from training.feature_cache import FeatureCache
 from training.stage1_align import Stage1Config
@@ -198,32 +201,40 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
     assert reply[-1].answer
 
 
-def test_resumed_run_ends_where_an_uninterrupted_one_does(features, coco, caption_lm, clip_dir, tmp_path):
-    settings = dict(feature_cache=str(features), max_steps=8, save_every=4, eval_every=4)
-    stage1_align.run(stage1_config(coco, caption_lm, clip_dir, tmp_path / "whole", **settings))
+def test_a_run_with_dropout_killed_anywhere_resumes_bit_for_bit(features, coco, caption_lm, clip_dir, tmp_path):
+    """phi-2's dropout on; SIGKILL inside a save, between its renames, while deleting, mid-step, and at random."""
+    lm = with_phi2_dropout(caption_lm, tmp_path / "lm")
+    settings = dict(feature_cache=str(features), max_steps=12, save_every=1, eval_every=4, samples=1)
+    command = [sys.executable, "-m", "training.stage1_align"]
+    started = time.monotonic()
+    assert run_killed([*command, *stage1_args(stage1_config(coco, lm, clip_dir, tmp_path / "whole", **settings))]) == 0
+    seconds = time.monotonic() - started
 
-    interrupted = tmp_path / "interrupted"
-    config = stage1_config(coco, caption_lm, clip_dir, interrupted, **settings)
-    with killed_at_step(6), pytest.raises(KeyboardInterrupt):
-        stage1_align.run(config)
-    assert torch.load(interrupted / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 4
-    stage1_align.run(replace(config, resume=True))
+    output = tmp_path / "killed"
+    config = stage1_config(coco, lm, clip_dir, output, **settings)
+    resume = [*command, *stage1_args(replace(config, resume=True))]
+    assert run_killed([*command, *stage1_args(config)], "mid-write@3") == -signal.SIGKILL
+    assert (output / STAGING).is_dir() and not (output / STAGING / COMPLETE).exists()
+    assert run_killed(resume, "between-renames") == -signal.SIGKILL
+    assert not (output / CHECKPOINT).exists() and (output / OLD / COMPLETE).exists()
+    assert run_killed(resume, "deleting-old") == -signal.SIGKILL
+    assert (output / CHECKPOINT).is_dir() and (output / OLD).is_dir()  # half deleted: the next save fails on it
+    assert run_killed(resume, "train-step@3") == -signal.SIGKILL  # after a micro-batch's backward
+    moments = random.Random(0)
+    outcomes = [run_killed(resume, kill_after=moments.uniform(0.6, 0.9) * seconds) for _ in range(2)]
+    while run_killed(resume) != 0:
+        pass
+    print(f"random kills: {outcomes} (-9 = killed, 0 = finished first)")
 
     whole = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")
-    resumed = load_file(interrupted / "weights" / "projector.safetensors")
-    for name in whole:
-        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-6, atol=1e-7)
+    resumed = load_file(output / "weights" / "projector.safetensors")
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
 
-    # The log reads as one run: the interrupted run's rows after step 4 were dropped, losses and lr agree.
+    # The log reads as one run: the rows of steps redone after each kill were dropped, losses and lr agree.
     def losses(path):
         return [(row["step"], row["train_loss"], row["eval_loss"], row["lr"]) for row in read_log(path / "log.csv")]
 
-    whole_log, resumed_log = losses(tmp_path / "whole"), losses(interrupted)
-    assert [row[0] for row in resumed_log] == [row[0] for row in whole_log]
-    for (_, *resumed_values), (_, *whole_values) in zip(resumed_log, whole_log, strict=True):
-        assert [float(v or "nan") for v in resumed_values] == pytest.approx(
-            [float(v or "nan") for v in whole_values], rel=1e-5, nan_ok=True
-        )
+    assert losses(output) == losses(tmp_path / "whole")
 
 
 def free_port() -> int:

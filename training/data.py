@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.cli import UsageError
 from inference.config import TemplateName
-from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Rendered, render
+from inference.prompt import Conversation, Rendered, render
 from inference.vision import VisionTower, load_image, preprocess
 from training.config import ImageTextConfig
 from training.feature_cache import FeatureCache, FeatureCacheError
@@ -121,15 +121,45 @@ class Collator:
             self.template, conversation, self.tokenizer, add_generation_prompt, image_tokens=self.image_tokens
         )
 
+    def fit(self, examples: list[Example], label: str) -> list[Example]:
+        """The examples within `max_length`, each whole answer ending with its end token.
+
+        A longer conversation keeps its first turns that fit (never half an answer); one whose first turn
+        does not fit is dropped. Both are counted and reported.
+        """
+        kept, trimmed, dropped = [], 0, 0
+        for example in tqdm(examples, desc=f"{label}: lengths", unit="example", disable=len(examples) < 20_000):
+            conversation = example.conversation
+            turns = len(conversation.turns)
+            while turns and len(self.render(replace(conversation, turns=conversation.turns[:turns])).input_ids) > (
+                self.max_length
+            ):
+                turns -= 1
+            if turns == 0:
+                dropped += 1
+            elif turns < len(conversation.turns):
+                trimmed += 1
+                kept.append(replace(example, conversation=replace(conversation, turns=conversation.turns[:turns])))
+            else:
+                kept.append(example)
+        if trimmed or dropped:
+            tqdm.write(
+                f"{label}: {trimmed} conversations cut to their first whole turns and {dropped} dropped "
+                f"(a first turn over {self.max_length} positions)"
+            )
+        return kept
+
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         input_ids, labels = [], []
         for example in examples:
             rendered = self.render(example.conversation)
-            ids, example_labels = rendered.input_ids[: self.max_length], rendered.labels[: self.max_length]
-            if example.image is not None and ids.count(IMAGE_PLACEHOLDER_ID) != self.image_tokens:
-                raise ValueError(f"max_length {self.max_length} cut into the image of example {example.id}")
-            input_ids.append(ids)
-            labels.append(example_labels)
+            if len(rendered.input_ids) > self.max_length:
+                raise ValueError(
+                    f"example {example.id} has {len(rendered.input_ids)} positions, over max_length "
+                    f"{self.max_length}: pass the examples through Collator.fit first"
+                )
+            input_ids.append(rendered.input_ids)
+            labels.append(rendered.labels)
         images = [example.image for example in examples if example.image is not None]
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
         if images and self.cache is not None:

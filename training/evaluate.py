@@ -25,9 +25,9 @@ from inference.assistant import Assistant
 from inference.cli import ArgumentParser, command
 from inference.config import GenerationOptions, atomic_write_text
 from inference.precision import Precision
-from inference.prompt import IGNORE_INDEX
 from inference.vision import load_image
 from training.data import Collator, Example, load_examples
+from training.losses import summed_loss
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -44,7 +44,7 @@ def normalise(text: str) -> str:
 
 @torch.no_grad()
 def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path, batch_size: int) -> float:
-    """Teacher-forced loss over the answers, weighted by supervised tokens."""
+    """Teacher-forced held-out loss over the answers, as training defines it (`summed_loss`)."""
     tower = assistant.model.vision_tower
     collator = Collator(
         assistant.tokenizer,
@@ -54,13 +54,12 @@ def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path,
         tower.image_size,
         image_folder,
     )
+    examples = collator.fit(examples, "loss")
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch"):
-        batch = collator(examples[start : start + batch_size])
-        supervised = sum(label != IGNORE_INDEX for row in batch["labels"] for label in row[1:])
-        total += assistant.model(**batch).loss.item() * supervised
-        tokens += supervised
-    return total / max(tokens, 1)
+        loss, supervised = summed_loss(assistant.model, collator(examples[start : start + batch_size]))
+        total, tokens = total + loss.item(), tokens + supervised
+    return total / tokens if tokens else float("nan")
 
 
 def answer_accuracy(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.cards import weights_card
+from inference.cli import UsageError
 from inference.config import GenerationOptions, Manifest
 from inference.loading import save_weights
 from inference.model import MultimodalPhi
@@ -59,8 +60,13 @@ def multimodal_stage(
     """The loop's `Stage` for a multimodal stage whose weights folder `manifest` describes.
 
     `training` (stage name, command) is recorded in the saved manifest with the run summary; the
-    language model's adapter is saved when the manifest says there is one.
+    language model's adapter is saved when the manifest says there is one. Examples are fitted to the
+    collator's position budget, which may not pass the language model's context.
     """
+    context = model.language_model.config.max_position_embeddings
+    if collator.max_length > context:
+        raise UsageError(f"--max-length {collator.max_length} is over the language model's context of {context}")
+    train, held_out = collator.fit(train, "train"), collator.fit(held_out, "eval")
 
     def save(model: MultimodalPhi, folder: Path, summary: dict[str, Any]) -> None:
         adapter = model.language_model if manifest.adapter else None

@@ -6,6 +6,8 @@ import math
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from training.config import TrainConfig
 
@@ -53,3 +55,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    # Without CUDA, cpu=True is what makes accelerate join a torchrun/accelerate-launch group (gloo);
+    # otherwise every process would train alone, each believing it is the only one.
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
+    )
+    set_seed(config.seed)
+    return accelerator

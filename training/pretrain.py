@@ -48,9 +48,9 @@ from inference.shapes import PHI15, PHI_SMALL
 from training.config import TrainConfig, option, parse_config
 from training.corpus import TokenWindows, load_corpus, open_tokenizer
 from training.data import DataError
-from training.optim import resolve_precision
+from training.optim import make_accelerator, resolve_precision
 from training.run_log import throughput
-from training.trainer import SAMPLE_TOKENS, Stage, Trainer, make_accelerator
+from training.trainer import SAMPLE_TOKENS, Stage, Trainer
 
 MODULE = "training.pretrain"
 PHI_VOCAB = PHI15.vocab_size  # phi-1.5's embedding rows: its tokenizer's 50,295 ids padded to a multiple of 64

@@ -26,8 +26,8 @@ from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
 from training.multimodal import multimodal_stage
-from training.optim import precision_dtype, resolve_precision
-from training.trainer import Trainer, make_accelerator
+from training.optim import make_accelerator, precision_dtype, resolve_precision
+from training.trainer import Trainer
 
 MODULE = "training.stage1_align"
 

@@ -4,8 +4,9 @@ One process per device (plain `python`, `torchrun` or `accelerate launch`; accel
 GPUs over NCCL or on CPUs over gloo). Each optimizer step takes `global_batch_size` samples: micro-
 batches of `batch_size` per device, accumulated. The data order is a seeded shuffle per epoch, split
 into whole optimizer steps and dealt out to the ranks, so a resumed run sees exactly the batches an
-uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, step, every rank's RNG
-state, the config) are written to a temporary folder and renamed into place.
+uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, loss scaler, step,
+every rank's RNG state, the config) survive a kill at any instant (`training.checkpoint`). A step whose
+loss is not finite is skipped and counted (`training.losses.BadSteps`).
 
 A `Stage` gives the loop everything stage-specific, as arguments: the model and its parameter groups,
 data and collator, how to count a batch's tokens, how to sample generations, how to save the weights
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,14 +27,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from inference.cli import UsageError
-from training.checkpoint import CHECKPOINT, rng_state, set_rng_state, trainable_checksum
+from training.checkpoint import CHECKPOINT, crash_point, load_checkpoint, save_checkpoint, trainable_checksum
 from training.config import TrainConfig
-from training.optim import build_optimizer, lr_factor, resolve_precision
+from training.losses import BadSteps, mean_finite, summed_loss
+from training.optim import build_optimizer, lr_factor
 from training.publish import PublishError, complete_folder, push_folder
 from training.run_log import append_row, plot_losses, truncate_log
 
@@ -111,6 +112,7 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(stage.model, optimizer)
         self.step = 0
         self.samples_seen = 0
+        self.bad_steps = BadSteps()
         self.last_losses: dict[str, float] = {}
 
     @property
@@ -146,11 +148,15 @@ class Trainer:
                 epoch,
                 self.accelerator.process_index,
             )[offset * self.accumulation :]
+            # The loader's own generator: creating its iterator must not draw from the global RNG, which
+            # dropout draws from; otherwise a run resumed mid-epoch would drop other units than an
+            # uninterrupted one.
             loader = DataLoader(
                 self.stage.train,
                 batch_sampler=batches,
                 collate_fn=self.stage.collator,
                 num_workers=self.config.num_workers,
+                generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch),
             )
             micro_batches = iter(loader)
             for _ in range(self.steps_per_epoch - offset):
@@ -181,9 +187,13 @@ class Trainer:
         return self.finish(time.time() - started)
 
     def train_step(self, micro_batches: Iterator[dict[str, Any]]) -> tuple[float, int, int]:
-        """One optimizer step over `accumulation` micro-batches; returns (mean loss, samples, tokens) globally."""
+        """One optimizer step over `accumulation` micro-batches; returns (mean loss, samples, tokens) globally.
+
+        When any rank's loss is not finite the step is skipped on all of them (no update; the schedule
+        still moves on with the data): the loss returned is NaN and the skip is counted.
+        """
         self.model.train()
-        total, samples, tokens = 0.0, 0, 0
+        total, samples, tokens, finite = 0.0, 0, 0, True
         for index in range(self.accumulation):
             batch = to_device(next(micro_batches), self.accelerator.device)
             samples += self.config.batch_size  # every micro-batch is whole (epoch_batches)
@@ -193,17 +203,29 @@ class Trainer:
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
                     loss = self.model(**batch).loss
-                self.accelerator.backward(loss / self.accumulation)
-            total += loss.detach().float().item() / self.accumulation
-        if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+                self.accelerator.backward(loss / self.accumulation)  # every rank, or DDP's all-reduce waits
+            crash_point("train-step")
+            value = loss.detach().float().item()
+            finite = finite and math.isfinite(value)
+            total += value / self.accumulation
+        stats = [total if finite else 0.0, samples, tokens, 0 if finite else 1]
+        stats = torch.tensor(stats, dtype=torch.float64, device=self.accelerator.device)
+        stats = self.accelerator.reduce(stats, reduction="sum")
+        if stats[3] == 0:
+            if self.config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.bad_steps.good()
+            self.scheduler.step()
+        else:
+            self.bad_steps.bad(self.step + 1, log=tqdm.write if self.main else None)
+            with warnings.catch_warnings():  # the schedule moves on with the data although nothing stepped
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.samples_seen += samples
-        stats = torch.tensor([total, samples, tokens], dtype=torch.float64, device=self.accelerator.device)
-        stats = self.accelerator.reduce(stats, reduction="sum")
-        return stats[0].item() / self.world, int(stats[1]), int(stats[2])
+        loss = stats[0].item() / self.world if stats[3] == 0 else math.nan
+        return loss, int(stats[1]), int(stats[2])
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation: the FLOP/s the model's arithmetic needs over what the devices peak at."""
@@ -217,7 +239,7 @@ class Trainer:
         row = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 4),
-            "train_loss": sum(losses) / len(losses),
+            "train_loss": mean_finite(losses),
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": round(samples_per_s, 2),
             "tokens_per_s": round(tokens_per_s, 1),
@@ -244,10 +266,10 @@ class Trainer:
         for indices in mine:
             batch = to_device(self.stage.collator([self.stage.eval[i] for i in indices]), self.accelerator.device)
             with self.accelerator.autocast():
-                totals[0] += model(**batch).loss.float() * len(indices)
-            totals[1] += len(indices)
+                loss, tokens = summed_loss(model, batch)
+            totals += torch.tensor([loss.item(), tokens], dtype=torch.float64, device=totals.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
-        eval_loss = (totals[0] / totals[1]).item()
+        eval_loss = (totals[0] / totals[1]).item() if totals[1] else math.nan
         self.last_losses["eval"] = eval_loss
         if self.main:
             self.write_log(
@@ -281,45 +303,29 @@ class Trainer:
             if parameter.requires_grad
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides every rank's RNG state (`training.checkpoint`)."""
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "bad_steps": self.bad_steps.state_dict(),
+            "world_size": self.world,
+            "trainable": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+        if self.accelerator.scaler is not None:  # fp16 loss scaling (CUDA only)
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
     def save_checkpoint(self) -> None:
-        """Write output_dir/checkpoint atomically: every rank its RNG state, the main process the rest."""
-        staging, final = self.output / f".{CHECKPOINT}.tmp", self.output / CHECKPOINT
-        if self.main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        torch.save(rng_state(), staging / f"rng_{self.accelerator.process_index}.pt")
-        if self.main:
-            state = {
-                "step": self.step,
-                "samples_seen": self.samples_seen,
-                "world_size": self.world,
-                "trainable": self.trainable_state(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-            }
-            torch.save(state, staging / "trainer.pt")
-            self.config.save(staging)
-        self.accelerator.wait_for_everyone()
-        if self.main:
-            old = self.output / f".{CHECKPOINT}.old"
-            if final.exists():
-                final.rename(old)
-            staging.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-            if self.config.push_to_hub and self.config.push_checkpoints and self.step < self.total_steps:
-                self.publish({"steps": self.step, **self.last_losses}, final=False)
+        save_checkpoint(self.output, self.accelerator, self.state_dict, self.config.save)
+        if self.main and self.config.push_to_hub and self.config.push_checkpoints and self.step < self.total_steps:
+            self.publish({"steps": self.step, **self.last_losses}, final=False)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
-        folder = self.output / CHECKPOINT
-        if not (folder / "trainer.pt").is_file():
-            raise UsageError(f"--resume: no checkpoint in {folder}")
-        state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-        if state["world_size"] != self.world:
-            raise ValueError(
-                f"the checkpoint was written by {state['world_size']} processes; this run has {self.world}"
-            )
+        state = load_checkpoint(self.output, self.accelerator)
         parameters = dict(self.unwrapped.named_parameters())
         if set(state["trainable"]) != {name for name, p in parameters.items() if p.requires_grad}:
             raise ValueError("the checkpoint's trainable parameters differ from this model's")
@@ -328,11 +334,15 @@ class Trainer:
                 parameters[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        set_rng_state(torch.load(folder / f"rng_{self.accelerator.process_index}.pt", weights_only=True))
+        self.bad_steps.load_state_dict(state.get("bad_steps", {}))
         if self.main:
             truncate_log(self.output / "log.csv", self.step)
-            tqdm.write(f"resumed from {folder} at step {self.step}")
+            written_by = state["world_size"]
+            note = "" if written_by == self.world else f" (written by {written_by} processes, now {self.world})"
+            tqdm.write(f"resumed from {self.output / CHECKPOINT} at step {self.step}{note}")
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Check that all ranks hold the same weights, then write the weights folder and run.json."""
@@ -344,6 +354,7 @@ class Trainer:
             "steps": self.step,
             "world_size": self.world,
             "samples_per_rank": samples,
+            "skipped_steps": self.bad_steps.total,
             "trainable_checksum_per_rank": checksums,
             "final_train_loss": self.last_losses.get("train"),
             "final_eval_loss": self.last_losses.get("eval"),
@@ -377,13 +388,3 @@ class Trainer:
             if final:
                 raise
             tqdm.write(f"warning: {error}")
-
-
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    # Without CUDA, cpu=True is what makes accelerate join a torchrun/accelerate-launch group (gloo);
-    # otherwise every process would train alone, each believing it is the only one.
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(config.mixed_precision), cpu=not torch.cuda.is_available()
-    )
-    set_seed(config.seed)
-    return accelerator
