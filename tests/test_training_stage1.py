@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from inference.cli import UsageError
 from inference.precision import Precision
 from tests.kit import make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
 from training import cache_features, prepare_coco, publish, stage1_align
@@ -263,6 +264,37 @@ def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir,
     saved = load_file(output / "weights" / "projector.safetensors")
     for name, tensor in saved.items():
         assert torch.equal(tensor, checkpoint["trainable"][f"projector.{name}"])
+
+
+def test_a_run_resumes_on_another_number_of_processes(features, coco, caption_lm, clip_dir, tmp_path):
+    """Killed on one process, resumed on two: same samples, same global batch; equal up to rounding, not bit-exact."""
+    settings = dict(feature_cache=str(features), max_steps=6, save_every=3)
+    whole = stage1_align.run(stage1_config(coco, caption_lm, clip_dir, tmp_path / "whole", **settings))
+    output = tmp_path / "moved"
+    config = stage1_config(coco, caption_lm, clip_dir, output, **settings)
+    assert (
+        run_killed([sys.executable, "-m", "training.stage1_align", *stage1_args(config)], "train-step@7") == -9
+    )  # in step 4
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "training.stage1_align", *stage1_args(replace(config, resume=True)),
+    ]  # fmt: skip
+    assert run_killed(command) == 0
+    summary = json.loads((output / "run.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    resumed = load_file(output / "weights" / "projector.safetensors")
+    expected = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-5)
+    trained = [float(row["train_loss"]) for row in read_log(output / "log.csv") if row["train_loss"]]
+    assert len(trained) == 6 and trained[-1] == pytest.approx(whole["final_train_loss"], rel=1e-4)
+
+
+def test_a_position_budget_past_the_language_models_context_is_refused(features, coco, caption_lm, clip_dir, tmp_path):
+    config = stage1_config(coco, caption_lm, clip_dir, tmp_path, feature_cache=str(features), max_length=4096)
+    with pytest.raises(UsageError, match="--max-length 4096 is over the language model's context of 2048"):
+        stage1_align.run(config)
 
 
 def test_push_to_hub_uploads_each_checkpoint_and_the_complete_final_folder(

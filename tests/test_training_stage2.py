@@ -1,6 +1,8 @@
 """Stage 2 on tiny models: 4-bit QLoRA on multi-turn conversations → a weights folder the app serves."""
 
 import json
+import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.precision import Precision
 from inference.prompt import IGNORE_INDEX
 from inference.tiny import build_weights_folder
-from tests.kit import killed_at_step, make_shape_image, pixels, pretrain_tiny_phi, prompt_ids
+from tests.kit import make_shape_image, pixels, pretrain_tiny_phi, prompt_ids, run_killed, with_phi2_dropout
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
 from training.data import Collator, load_examples
 from training.optim import resolve_precision
@@ -104,6 +106,25 @@ def test_multi_turn_labels_are_exactly_the_answers_and_their_end_tokens(instruct
     expected += bpe_tokenizer(" On the left.", add_special_tokens=False)["input_ids"] + [eos]
     assert supervised == expected
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_a_budget_in_positions_keeps_whole_answers_or_drops_and_counts(instruct_data, bpe_tokenizer, capsys):
+    example = load_examples(instruct_data / "train.json")[0][0]
+    full = Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, 4096, 49, 224, instruct_data)
+    first_turn = replace(example, conversation=replace(example.conversation, turns=example.conversation.turns[:1]))
+    first_length = len(full.render(first_turn.conversation).input_ids)
+    assert first_length > 49  # the image counts as its 49 patch positions
+    tight = Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, first_length, 49, 224, instruct_data)
+    kept = tight.fit([example, example], "train")
+    assert [len(e.conversation.turns) for e in kept] == [1, 1]  # the second turn went whole
+    labels = tight(kept)["labels"][0]
+    assert labels[-1] == bpe_tokenizer.eos_token_id  # the kept answer ends with its end token
+    assert Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, first_length - 1, 49, 224).fit([example], "eval") == []
+    report = capsys.readouterr().out
+    assert "train: 2 conversations cut to their first whole turns and 0 dropped" in report
+    assert "eval: 0 conversations cut to their first whole turns and 1 dropped" in report
+    with pytest.raises(ValueError, match="over max_length"):
+        tight([example])
 
 
 def greedy_answers(generate, data: Path, count: int = 6) -> list[str]:
@@ -216,19 +237,28 @@ def make_image(path: Path) -> Image.Image:
     return Image.open(path)
 
 
-def test_resumed_qlora_run_matches_an_uninterrupted_one(instruct_data, stage1_weights, tmp_path):
-    settings = dict(max_steps=6, save_every=3, eval_every=3)
-    stage2_instruct.run(stage2_config(instruct_data, stage1_weights, tmp_path / "whole", **settings))
-    interrupted = stage2_config(instruct_data, stage1_weights, tmp_path / "resumed", **settings)
-    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage2_instruct.run(interrupted)
-    stage2_instruct.run(replace(interrupted, resume=True))
+def test_a_qlora_run_with_dropout_killed_mid_step_resumes_bit_for_bit(instruct_data, chat_lm, clip_dir, tmp_path):
+    """phi-2's dropout (0.1) and LoRA dropout (0.05) on; the run is SIGKILLed after a micro-batch's backward."""
+    lm = with_phi2_dropout(chat_lm, tmp_path / "lm")
+    stage1 = build_weights_folder(tmp_path / "stage1", lm, clip_dir, adapter=False)
+    settings = dict(max_steps=6, save_every=2, eval_every=3, lora_dropout=0.05)
+
+    def command(config: Stage2Config) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "training.stage2_instruct",
+            *config.command_line("training.stage2_instruct").split()[3:],
+        ]
+
+    assert run_killed(command(stage2_config(instruct_data, stage1, tmp_path / "whole", **settings))) == 0
+    killed = stage2_config(instruct_data, stage1, tmp_path / "killed", **settings)
+    assert run_killed(command(killed), "train-step@5") == -signal.SIGKILL  # in step 3, after the checkpoint of 2
+    assert run_killed(command(replace(killed, resume=True))) == 0
     for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
         whole = load_file(tmp_path / "whole" / "weights" / name)
-        resumed = load_file(tmp_path / "resumed" / "weights" / name)
-        assert whole.keys() == resumed.keys()
-        for key in whole:
-            torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
+        resumed = load_file(tmp_path / "killed" / "weights" / name)
+        assert whole.keys() == resumed.keys() and all(torch.equal(resumed[key], whole[key]) for key in whole)
 
 
 def test_plain_lora_without_quantisation_trains_and_saves(instruct_data, stage1_weights, tmp_path):
