@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,14 +18,15 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from inference import Assistant, GenerationOptions, Manifest, TemplateName
+from inference import Assistant, GenerationOptions, Manifest, TemplateName, tiny
 from inference.cli import UsageError
 from inference.precision import Precision
+from inference.vision import VisionTower, load_image, preprocess
 from tests.kit import make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
 from training import cache_features, prepare_coco, publish, stage1_align
 from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, trainable_checksum
 from training.data import Collator, load_examples
-from training.feature_cache import FeatureCache
+from training.feature_cache import FeatureCache, FeatureCacheError, open_cache
 from training.stage1_align import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +142,43 @@ def test_feature_cache_holds_every_readable_image(features, coco):
         [held_out, train], coco, features, cache.meta["vision_model"], -2, shard_size=16, num_workers=0
     )
     assert {path: path.stat().st_mtime_ns for path in features.glob("features-*.npy")} == before
+
+
+def test_feature_cache_knows_its_model_layer_and_images(coco, prepared, clip_dir, tmp_path):
+    """Changed images, a model folder whose weights changed, or another layer are refused; a rerun fixes them."""
+    images, tower = tmp_path / "images", tmp_path / "tower"
+    shutil.copytree(coco / "val2017", images / "val2017")
+    shutil.copytree(clip_dir, tower)
+    held_out, out = data_files(coco)[1], tmp_path / "features"
+    (out / "features-00000-orphan0.npy").parent.mkdir()
+    (out / "features-00000-orphan0.npy").write_bytes(b"left by a run killed before its listing")
+
+    def build():
+        return cache_features.build_cache([held_out], images, out, str(tower), -2, shard_size=4, num_workers=0)
+
+    build()
+    assert not (out / "features-00000-orphan0.npy").exists()
+    open_cache(out, str(tower), -2, images)  # matches
+    with pytest.raises(FeatureCacheError, match=r"layer -2 .* uses .* layer -1"):
+        open_cache(out, str(tower), -1, images)
+
+    replaced = images / "val2017" / f"{2005:012d}.jpg"  # row 1 of the second shard
+    make_shape_image("blue", size=(96, 96)).save(replaced, quality=95)
+    with pytest.raises(FeatureCacheError, match=r"1 images in .* changed since .*: rebuild it with"):
+        open_cache(out, str(tower), -2, images)
+    arrays = sorted(path.name for path in out.glob("features-*.npy"))
+    build()
+    after = sorted(path.name for path in out.glob("features-*.npy"))
+    assert after[0] == arrays[0] and after[1] != arrays[1]  # only the shard holding the changed image was redone
+    fresh = VisionTower.from_pretrained(str(tower), -2)(preprocess([load_image(replaced)], 224))[0]
+    cache = open_cache(out, str(tower), -2, images)
+    torch.testing.assert_close(
+        torch.from_numpy(cache["val2017/" + replaced.name].astype("float32")), fresh, atol=2e-2, rtol=1e-2
+    )
+
+    tiny.build_tiny_clip(tower, seed=1)  # the same path (or Hub id) now holds other weights
+    with pytest.raises(FeatureCacheError, match="fingerprint"):
+        open_cache(out, str(tower), -2, images)
 
 
 def test_cached_and_on_the_fly_features_give_the_same_loss(features, coco, caption_lm, clip_dir, tmp_path):

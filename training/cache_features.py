@@ -5,7 +5,9 @@
 
 fp16 features of TinyCLIP at 49 × 640 take 63 KB per image (7.7 GB for COCO train2017 + val2017).
 Both training stages read them instead of running the tower; an interrupted run resumes shard by
-shard. Unreadable images are recorded in meta.json and left out of training, with a count.
+shard, and a rerun recomputes exactly the shards whose images (size, modification time) or vision
+model (a fingerprint of its files) or layer changed. Unreadable images are recorded in meta.json and
+left out of training, with a count.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from inference.cli import ArgumentParser, command
 from inference.config import TINYCLIP_ID
 from inference.vision import VisionTower, load_image, preprocess
 from training.data import read_json_list
-from training.feature_cache import done_shards, remove_shard, save_meta, save_shard
+from training.feature_cache import (
+    done_shards,
+    image_stamp,
+    model_fingerprint,
+    remove_orphans,
+    remove_shard,
+    save_meta,
+    save_shard,
+)
 
 
 class _Images(Dataset):
@@ -65,7 +75,9 @@ def build_cache(
     dtype = torch.float16 if device == "cuda" else torch.float32
     images = images_of(data_files)  # the data files are read (and checked) before the tower is loaded
     tower = VisionTower.from_pretrained(vision_model, feature_layer, dtype=dtype).to(device)
+    key = {"fingerprint": model_fingerprint(vision_model), "feature_layer": feature_layer}
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
     shards = [images[start : start + shard_size] for start in range(0, len(images), shard_size)]
     done = done_shards(out)
     for stale in set(done) - set(range(len(shards))):  # left by an earlier run over more images
@@ -74,13 +86,13 @@ def build_cache(
     cached = 0
     progress = tqdm(total=len(images), desc="caching features", unit="image")
     for index, shard in enumerate(shards):
-        previous = done.get(index)
-        if previous and set(previous["images"]) | set(previous["failed"]) == set(shard):
-            failed.update(previous["failed"])
-            cached += len(previous["images"])
+        if still_valid(done.get(index), key, shard, image_folder):
+            failed.update(done[index]["failed"])
+            cached += len(done[index]["images"])
             progress.update(len(shard))
             continue
-        names, rows, shard_failed = [], [], {}
+        names, rows, shard_failed = {}, [], {}
+        stamps = {name: image_stamp(image_folder / name) for name in shard if (image_folder / name).is_file()}
         dataset = _Images(image_folder, shard, tower.image_size)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
         position = 0
@@ -89,7 +101,7 @@ def build_cache(
             for (image_pixels, error), name in zip(batch, shard[position : position + len(batch)], strict=True):
                 if error is None:
                     pixels.append(image_pixels)
-                    names.append(name)
+                    names[name] = stamps[name]
                 else:
                     shard_failed[name] = error
             position += len(batch)
@@ -97,11 +109,23 @@ def build_cache(
                 rows.append(tower(torch.stack(pixels).to(device)).float().cpu().numpy().astype(np.float16))
             progress.update(len(batch))
         empty = np.zeros((0, tower.num_patches, tower.width), dtype=np.float16)
-        save_shard(out, index, names, np.concatenate(rows) if rows else empty, shard_failed)
+        save_shard(out, index, names, np.concatenate(rows) if rows else empty, shard_failed, key)
         failed.update(shard_failed)
         cached += len(names)
     progress.close()
-    return save_meta(out, vision_model, feature_layer, (tower.num_patches, tower.width), cached, failed)
+    return save_meta(out, vision_model, key, (tower.num_patches, tower.width), cached, failed)
+
+
+def still_valid(listing: dict | None, key: dict, shard: list[str], image_folder: Path) -> bool:
+    """Whether a written shard holds this model's features of exactly these images, as they are now."""
+    if not listing or any(listing.get(name) != value for name, value in key.items()):
+        return False
+    if set(listing["images"]) | set(listing["failed"]) != set(shard):
+        return False
+    return all(
+        (image_folder / image).is_file() and image_stamp(image_folder / image) == stamp
+        for image, stamp in listing["images"].items()
+    )
 
 
 @command

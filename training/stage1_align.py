@@ -66,7 +66,7 @@ def build(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, Man
 def run(config: Stage1Config) -> dict[str, Any]:
     """Train the projector as `config` says; returns the run summary (weights in output_dir/weights)."""
     accelerator = make_accelerator(config)
-    cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer)
+    cache = open_cache(config.feature_cache, config.vision_model, config.vision_feature_layer, config.image_folder)
     train, held_out = load_splits(config, cache)
     model, tokenizer, manifest = build(config, resolve_precision(config.mixed_precision))
     collator = stage_collator(config, TemplateName.PLAIN, tokenizer, cache, model.vision_tower)

@@ -146,7 +146,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     """Instruction-tune as `config` says; returns the run summary (weights in output_dir/weights)."""
     accelerator = make_accelerator(config)
     manifest = instruct_manifest(config)
-    cache = open_cache(config.feature_cache, manifest.vision_model, manifest.vision_feature_layer)
+    cache = open_cache(config.feature_cache, manifest.vision_model, manifest.vision_feature_layer, config.image_folder)
     train, held_out = load_splits(config, cache)
     model, tokenizer = build(config, manifest, resolve_precision(config.mixed_precision), accelerator.device)
     collator = stage_collator(config, TemplateName.PHI2_CHAT, tokenizer, cache, model.vision_tower)
