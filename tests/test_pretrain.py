@@ -148,6 +148,26 @@ def test_preparation_packs_the_mixture_and_holds_out_whole_documents(corpus, sou
     assert all(bpe_tokenizer.decode(document[:-1]) in texts for document in evaluated)
 
 
+def test_one_text_file_still_gets_held_out_tokens_cut_inside_it(sources, gpt2_tokenizer, tmp_path):
+    """A new user's corpus: one .txt file, one document. Whole-document held-out would take nothing."""
+    gpt2_tokenizer.save_pretrained(tmp_path / "gpt2")
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(sources["docs"][:40]))
+    meta = prepare_text.prepare([str(book)], tmp_path / "out", tokenizer=str(tmp_path / "gpt2"), held_out=0.05)
+    train, held_out = read_tokens(tmp_path / "out", meta)
+    document = gpt2_tokenizer(book.read_text(), add_special_tokens=False)["input_ids"] + [50256]
+    assert len(held_out) == round(0.05 * len(document))
+    assert [*held_out, *train] == document  # its head held out, the rest trained on, nothing lost or repeated
+
+
+def test_held_out_takes_whole_documents_where_they_allow_it():
+    lengths = np.array([100] * 50)
+    held_out, training = prepare_text.split_held_out(lengths, np.arange(50), 0.1)
+    assert held_out == [(i, 0, 100) for i in range(5)] and len(training) == 45
+    held_out, training = prepare_text.split_held_out(np.array([5000, 100, 100]), np.arange(3), 0.01)
+    assert held_out == [(0, 0, 52)] and training[0] == (0, 52, 5000)  # one document is 96 % of the tokens
+
+
 def test_phi_vocabulary_ids_survive_uint16_packing(sources, gpt2_tokenizer, tmp_path):
     gpt2_tokenizer.save_pretrained(tmp_path / "gpt2")
     docs = tmp_path / "docs.jsonl"

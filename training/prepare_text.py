@@ -16,7 +16,8 @@ packed end to end, with no padding, as uint16 ids. With --weights each source gi
 tokens, so the corpus is as large as its scarcest source allows (or --max-tokens); without, every
 document is used. Whole documents, drawn in a seeded random order, go either to the held-out shard
 (`val.bin`, --held-out of each source's tokens, so it has the training mixture) or to the training
-shards (`train-00000.bin`, ..., --shard-tokens each), interleaved across sources. `meta.json`, written
+shards (`train-00000.bin`, ..., --shard-tokens each), interleaved across sources; a source of too few
+or too long documents for that has its held-out tokens cut from inside them. `meta.json`, written
 last, describes the result; training refuses a folder without it.
 """
 
@@ -159,14 +160,30 @@ def take_documents(lengths: np.ndarray, quota: int, rng: np.random.Generator) ->
     return order[:count]
 
 
-def split_held_out(lengths: np.ndarray, chosen: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out, training) documents: the first chosen ones up to `fraction` of the chosen tokens."""
+Piece = tuple[int, int, int]  # (document index, first token, end token)
+
+
+def split_held_out(lengths: np.ndarray, chosen: np.ndarray, fraction: float) -> tuple[list[Piece], list[Piece]]:
+    """(held-out, training) pieces: the first chosen documents up to `fraction` of the chosen tokens.
+
+    Whole documents where they allow it; when they do not (one document, or documents so long that a
+    whole one is over twice the share), the held-out tokens are cut from inside the documents: the
+    first ones whole, then the head of the next, whose rest is trained on.
+    """
+    pieces = [(int(index), 0, int(lengths[index])) for index in chosen]
     if fraction <= 0 or len(chosen) == 0:
-        return chosen[:0], chosen
-    target = fraction * lengths[chosen].sum()
-    count = int(np.searchsorted(np.cumsum(lengths[chosen]), target, side="left")) + 1
-    count = min(count, len(chosen) - 1)  # training keeps at least one document
-    return chosen[:count], chosen[count:]
+        return [], pieces
+    cumulative = np.cumsum(lengths[chosen])
+    target = max(1, round(fraction * int(cumulative[-1])))
+    count = min(int(np.searchsorted(cumulative, target, side="left")) + 1, len(chosen) - 1)
+    if count >= 1 and cumulative[count - 1] <= 2 * target:
+        return pieces[:count], pieces[count:]
+    whole = int(np.searchsorted(cumulative, target, side="right"))  # documents that fit entirely
+    taken = int(cumulative[whole - 1]) if whole else 0
+    index, _, end = pieces[whole]
+    cut = target - taken
+    held_out = [*pieces[:whole], *([(index, 0, cut)] if cut else [])]
+    return held_out, [*([(index, cut, end)] if cut < end else []), *pieces[whole + 1 :]]
 
 
 def write_corpus(
@@ -186,21 +203,21 @@ def write_corpus(
     for number, source in enumerate(sources):
         chosen = take_documents(source.lengths, quotas[source.name], rng)
         evaluation, training = split_held_out(source.lengths, chosen, held_out)
-        held_out_docs += [(number, index) for index in evaluation]
-        train_docs += [(number, index) for index in training]
+        held_out_docs += [(number, *piece) for piece in evaluation]
+        train_docs += [(number, *piece) for piece in training]
         counts[source.name] = {
             "documents_used": len(chosen),
-            "train_tokens": int(source.lengths[training].sum()),
-            "held_out_tokens": int(source.lengths[evaluation].sum()),
+            "train_tokens": sum(end - first for _, first, end in training),
+            "held_out_tokens": sum(end - first for _, first, end in evaluation),
         }
     # Training documents interleaved across sources, so that every stretch of the stream has the mixture.
     train_docs = [train_docs[i] for i in rng.permutation(len(train_docs))]
 
-    def write(documents: list[tuple[int, int]], writer: PackedWriter, label: str) -> list[dict[str, Any]]:
-        for number, index in tqdm(documents, desc=f"writing {label}", unit="doc"):
+    def write(documents: list[tuple[int, int, int, int]], writer: PackedWriter, label: str) -> list[dict[str, Any]]:
+        for number, index, first, end in tqdm(documents, desc=f"writing {label}", unit="doc"):
             source = sources[number]
             start = starts[source.name][index]
-            writer.add(maps[source.name][start : start + source.lengths[index]])
+            writer.add(maps[source.name][start + first : start + end])
         return writer.close()
 
     held_out_shards = write(held_out_docs, PackedWriter(out, HELD_OUT_FILE, shard_tokens=2**62), "held-out")
