@@ -305,6 +305,22 @@ def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir,
         assert torch.equal(tensor, checkpoint["trainable"][f"projector.{name}"])
 
 
+@pytest.mark.gpu
+def test_an_fp16_run_killed_mid_step_resumes_bit_for_bit(features, coco, caption_lm, clip_dir, tmp_path):
+    """fp16 on CUDA: the loss scaler's state travels in the checkpoint (accelerate makes none on the CPU)."""
+    lm = with_phi2_dropout(caption_lm, tmp_path / "lm")
+    settings = dict(feature_cache=str(features), max_steps=8, save_every=2, mixed_precision="fp16")
+    command = [sys.executable, "-m", "training.stage1_align"]
+    assert run_killed([*command, *stage1_args(stage1_config(coco, lm, clip_dir, tmp_path / "whole", **settings))]) == 0
+    config = stage1_config(coco, lm, clip_dir, tmp_path / "killed", **settings)
+    assert run_killed([*command, *stage1_args(config)], "train-step@11") == -signal.SIGKILL  # in step 6
+    assert "scaler" in torch.load(tmp_path / "killed" / CHECKPOINT / "trainer.pt", weights_only=True)
+    assert run_killed([*command, *stage1_args(replace(config, resume=True))]) == 0
+    whole = load_file(tmp_path / "whole" / "weights" / "projector.safetensors")
+    resumed = load_file(tmp_path / "killed" / "weights" / "projector.safetensors")
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+
+
 def test_a_run_resumes_on_another_number_of_processes(features, coco, caption_lm, clip_dir, tmp_path):
     """Killed on one process, resumed on two: same samples, same global batch; equal up to rounding, not bit-exact."""
     settings = dict(feature_cache=str(features), max_steps=6, save_every=3)

@@ -16,8 +16,8 @@ packed end to end, with no padding, as uint16 ids. With --weights each source gi
 tokens, so the corpus is as large as its scarcest source allows (or --max-tokens); without, every
 document is used. Whole documents, drawn in a seeded random order, go either to the held-out shard
 (`val.bin`, --held-out of each source's tokens, so it has the training mixture) or to the training
-shards (`train-00000.bin`, ..., --shard-tokens each), interleaved across sources; a source of too few
-or too long documents for that has its held-out tokens cut from inside them. `meta.json`, written
+shards (`train-00000.bin`, ..., --shard-tokens each), interleaved across sources; a source whose
+documents are all longer than its held-out share has those tokens cut from the head of one. `meta.json`, written
 last, describes the result; training refuses a folder without it.
 """
 
@@ -164,26 +164,28 @@ Piece = tuple[int, int, int]  # (document index, first token, end token)
 
 
 def split_held_out(lengths: np.ndarray, chosen: np.ndarray, fraction: float) -> tuple[list[Piece], list[Piece]]:
-    """(held-out, training) pieces: the first chosen documents up to `fraction` of the chosen tokens.
+    """(held-out, training) pieces: whole chosen documents, in order, that fit in `fraction` of the tokens.
 
-    Whole documents where they allow it; when they do not (one document, or documents so long that a
-    whole one is over twice the share), the held-out tokens are cut from inside the documents: the
-    first ones whole, then the head of the next, whose rest is trained on.
+    A document that would overshoot the share is passed over for later, shorter ones, so the held-out
+    share is never exceeded and no document is on both sides. When no whole document fits (one long
+    document, as a single .txt file is), the held-out tokens are cut from the head of the first one and
+    its rest is trained on.
     """
     pieces = [(int(index), 0, int(lengths[index])) for index in chosen]
-    if fraction <= 0 or len(chosen) == 0:
+    if fraction <= 0 or not pieces:
         return [], pieces
-    cumulative = np.cumsum(lengths[chosen])
-    target = max(1, round(fraction * int(cumulative[-1])))
-    count = min(int(np.searchsorted(cumulative, target, side="left")) + 1, len(chosen) - 1)
-    if count >= 1 and cumulative[count - 1] <= 2 * target:
-        return pieces[:count], pieces[count:]
-    whole = int(np.searchsorted(cumulative, target, side="right"))  # documents that fit entirely
-    taken = int(cumulative[whole - 1]) if whole else 0
-    index, _, end = pieces[whole]
-    cut = target - taken
-    held_out = [*pieces[:whole], *([(index, 0, cut)] if cut else [])]
-    return held_out, [*([(index, cut, end)] if cut < end else []), *pieces[whole + 1 :]]
+    remaining = max(1, round(fraction * sum(end for _, _, end in pieces)))
+    held_out, training = [], []
+    for piece in pieces:
+        if piece[2] <= remaining:
+            held_out.append(piece)
+            remaining -= piece[2]
+        else:
+            training.append(piece)
+    if held_out:
+        return held_out, training
+    index, _, end = pieces[0]
+    return [(index, 0, remaining)], [(index, remaining, end), *pieces[1:]]
 
 
 def write_corpus(
