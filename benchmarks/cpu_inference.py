@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +60,13 @@ def build_checkpoints(folder: Path, size: str) -> Path:
     from inference.config import ProjectorType, TemplateName
     from inference.loading import new_manifest, save_weights
     from inference.projector import build_projector
+    from inference.standins import plant_outliers
     from inference.tiny import PHI_LORA_TARGETS, build_gpt2_tokenizer
 
     torch.manual_seed(0)
-    config = PHI_SHAPES[size].config(bos_token_id=50256, eos_token_id=50256)
+    config = PHI_SHAPES[size].config(bos_token_id=50256, eos_token_id=50256, dtype="float16")
     with torch.device("meta"):
-        model = PhiForCausalLM(config).to(torch.bfloat16)
+        model = PhiForCausalLM(config).to(torch.float16)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -72,8 +74,13 @@ def build_checkpoints(folder: Path, size: str) -> Path:
                 parameter.normal_(0.0, 0.02)
             else:
                 parameter.fill_(1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
-    model.save_pretrained(folder / "phi")
-    build_gpt2_tokenizer().save_pretrained(folder / "phi")
+    tokenizer = build_gpt2_tokenizer()
+    outliers = plant_outliers(model, massive_tokens(tokenizer))
+    (folder / "outliers.json").write_text(json.dumps(asdict(outliers)))
+    # As microsoft/phi-2 ships: fp16, two shards and their index, the same tensor names.
+    shard = 5_000_000_000 if size == "phi-2" else sum(p.numel() * 2 for p in model.parameters()) * 3 // 4
+    model.save_pretrained(folder / "phi", max_shard_size=shard)
+    tokenizer.save_pretrained(folder / "phi")
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PHI_LORA_TARGETS))
     with torch.no_grad():  # a trained adapter's size: peft starts B at zero, training moves it a little
         for name, parameter in lora.named_parameters():
@@ -165,10 +172,19 @@ class TokenClock:
 
 
 def prompt_ids(tokenizer) -> list[int]:
-    from inference.prompt import IMAGE_PLACEHOLDER_ID
+    """The served prompt: system prompt, template, the image's positions and a 40-token question."""
+    from inference.config import TemplateName
+    from inference.prompt import Conversation, Turn, render
 
-    text = tokenizer("Describe the scene in this photograph in detail, please. " * 8)["input_ids"][:TEXT_TOKENS]
-    return [*[IMAGE_PLACEHOLDER_ID] * IMAGE_TOKENS, *text]
+    words = tokenizer("Describe the scene in this photograph in detail, please. " * 8)["input_ids"][:TEXT_TOKENS]
+    question = tokenizer.decode(words)
+    conversation = Conversation((Turn(question),))
+    return render(TemplateName.PHI2_CHAT, conversation, tokenizer, True, image_tokens=IMAGE_TOKENS).input_ids
+
+
+def massive_tokens(tokenizer) -> list[int]:
+    """Where trained LLMs put massive activations: the prompt's first token and "\n"."""
+    return sorted({prompt_ids(tokenizer)[0], *tokenizer("\n")["input_ids"]})
 
 
 def weight_bytes(language_model) -> int:

@@ -30,6 +30,7 @@ from inference.cli import UsageError
 from tests.kit import killed_at_step
 from training import prepare_text, pretrain, publish
 from training.config import parse_config
+from training.corpus import split_held_out
 from training.optim import build_optimizer
 from training.pretrain import PretrainConfig
 from training.trainer import Trainer
@@ -162,9 +163,9 @@ def test_one_text_file_still_gets_held_out_tokens_cut_inside_it(sources, gpt2_to
 
 def test_held_out_takes_whole_documents_where_they_allow_it():
     lengths = np.array([100] * 50)
-    held_out, training = prepare_text.split_held_out(lengths, np.arange(50), 0.1)
+    held_out, training = split_held_out(lengths, np.arange(50), 0.1)
     assert held_out == [(i, 0, 100) for i in range(5)] and len(training) == 45
-    held_out, training = prepare_text.split_held_out(np.array([5000, 100, 100]), np.arange(3), 0.01)
+    held_out, training = split_held_out(np.array([5000, 100, 100]), np.arange(3), 0.01)
     assert held_out == [(0, 0, 52)] and training[0] == (0, 52, 5000)  # one document is 96 % of the tokens
 
 

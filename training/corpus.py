@@ -4,13 +4,15 @@ Sources are `.txt` (the whole file is one document), `.jsonl` (one document per 
 field) and `.parquet` (a text column), `.txt.gz` and `.jsonl.gz` too, from a file, a folder or a Hub
 dataset repo (`hf:OWNER/NAME[:PATTERN]`). A prepared corpus is a folder of shards holding documents end
 to end as uint16 ids (`train-00000.bin`, ..., and `val.bin` held out) described by `meta.json`, written
-last: `training.prepare_text` writes one, `training.pretrain` memory-maps it as `TokenWindows`.
+last: `training.prepare_text` writes one (mixing sources and splitting off held-out tokens with the
+functions at the end), `training.pretrain` memory-maps it as `TokenWindows`.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -229,3 +231,61 @@ def load_corpus(folder: str | Path, block_size: int) -> tuple[TokenWindows, Toke
     meta = load_meta(folder)
     held_out = meta["held_out"]
     return TokenWindows(folder, meta["train"], block_size), TokenWindows(folder, [held_out], block_size), meta
+
+
+def plan_mixture(available: dict[str, int], weights: dict[str, float] | None, max_tokens: int = 0) -> dict[str, int]:
+    """Tokens to take from each source.
+
+    With weights (relative; normalised here) the mixture holds them exactly as far as whole documents
+    allow, and is as large as the scarcest source permits: no document is repeated. Without, every
+    source is taken whole. `max_tokens` > 0 scales the plan down to that total.
+    """
+    if weights is None:
+        quotas = dict(available)
+    else:
+        total_weight = sum(weights.values())
+        shares = {name: weights[name] / total_weight for name in available}
+        total = min(available[name] / shares[name] for name in available if shares[name] > 0)
+        quotas = {name: round(total * shares[name]) for name in available}  # the scarcest: all of it
+    planned = sum(quotas.values())
+    if max_tokens and planned > max_tokens:
+        quotas = {name: math.floor(quota * max_tokens / planned) for name, quota in quotas.items()}
+    return quotas
+
+
+def take_documents(lengths: np.ndarray, quota: int, rng: np.random.Generator) -> np.ndarray:
+    """Document indices in a seeded random order, as many as fit in `quota` tokens (at least one if quota > 0)."""
+    order = rng.permutation(len(lengths))
+    cumulative = np.cumsum(lengths[order])
+    count = int(np.searchsorted(cumulative, quota, side="right"))
+    if quota > 0:
+        count = max(count, 1)
+    return order[:count]
+
+
+Piece = tuple[int, int, int]  # (document index, first token, end token)
+
+
+def split_held_out(lengths: np.ndarray, chosen: np.ndarray, fraction: float) -> tuple[list[Piece], list[Piece]]:
+    """(held-out, training) pieces: whole chosen documents, in order, that fit in `fraction` of the tokens.
+
+    A document that would overshoot the share is passed over for later, shorter ones, so the held-out
+    share is never exceeded and no document is on both sides. When no whole document fits (one long
+    document, as a single .txt file is), the held-out tokens are cut from the head of the first one and
+    its rest is trained on.
+    """
+    pieces = [(int(index), 0, int(lengths[index])) for index in chosen]
+    if fraction <= 0 or not pieces:
+        return [], pieces
+    remaining = max(1, round(fraction * sum(end for _, _, end in pieces)))
+    held_out, training = [], []
+    for piece in pieces:
+        if piece[2] <= remaining:
+            held_out.append(piece)
+            remaining -= piece[2]
+        else:
+            training.append(piece)
+    if held_out:
+        return held_out, training
+    index, _, end = pieces[0]
+    return [(index, 0, remaining)], [(index, remaining, end), *pieces[1:]]
