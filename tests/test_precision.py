@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import PhiForCausalLM
 
 from inference import tiny
 from inference.config import GenerationOptions
 from inference.loading import load_weights
 from inference.precision import DEFAULT_PRECISION, Precision
+from inference.standins import plant_outliers
 from tests.kit import CORPUS, make_shape_image, pixels, pretrain_tiny_phi, prompt_ids
 
 QUESTIONS = ["What is in this picture?", "What colour is the shape?", "Is the shape on the left or the right?"]
@@ -68,3 +70,35 @@ def test_answers_stay_close_to_fp32(trained_weights, precision):
         top1 = (logits.argmax(-1) == torch.tensor(ref_tokens)).float().mean()
         assert top1 >= 0.9, (precision, top1.item())  # the answer fp32 gave is what this precision would give
         assert tokens[:4] == ref_tokens[:4]  # and the free-running answer starts the same
+
+
+def trained_language_model(weights) -> PhiForCausalLM:
+    return load_weights(weights, precision=Precision.FP32).model.language_model
+
+
+def test_planted_outlier_dimensions_change_nothing_in_fp32(trained_weights):
+    """SmoothQuant's equivalence run backwards: LayerNorm ×scale, the Linear inputs reading it ÷scale."""
+    model = trained_language_model(trained_weights)
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        outliers = plant_outliers(model, massive_tokens=[])
+        after = model(input_ids=ids).logits
+        normed = model.model.layers[0].input_layernorm(model.get_input_embeddings()(ids))[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    others = [d for d in range(normed.shape[-1]) if d not in outliers.dims]
+    ratio = normed[:, list(outliers.dims)].abs().mean() / normed[:, others].abs().mean()
+    assert ratio > outliers.scale / 3  # what a per-tensor int8 scale now has to span
+
+
+def test_planted_massive_activation_is_about_root_width_after_layernorm(trained_weights):
+    model = trained_language_model(trained_weights)
+    newline = 7
+    with torch.no_grad():
+        outliers = plant_outliers(model, massive_tokens=[newline])
+        embeddings = model.get_input_embeddings().weight
+        normed = model.model.layers[0].input_layernorm(embeddings[[3, newline]])
+    assert outliers.massive_value == pytest.approx(1000 * embeddings[:newline].abs().median().item(), rel=0.05)
+    width = model.config.hidden_size
+    assert normed[1, outliers.massive_dim] == pytest.approx(width**0.5, rel=0.1)  # about 50 for phi-2
+    assert normed[0, outliers.massive_dim].abs() < 5  # other tokens are untouched
