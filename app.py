@@ -33,6 +33,7 @@ from inference.config import ManifestError
 from inference.original import original_weights
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
+from inference.threads import set_threads
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
@@ -284,6 +285,7 @@ def choose_weights(reference: str | None) -> str | Path:
 
 def load_assistant(args: argparse.Namespace) -> Assistant:
     """The assistant the arguments ask for; exits with what to do when there are no usable weights."""
+    set_threads()  # before loading: quantization at load uses the same pool
     started = time.perf_counter()
     if args.demo:
         from inference.tiny import build_demo_weights
