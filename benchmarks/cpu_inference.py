@@ -1,21 +1,28 @@
-"""CPU inference: the original project's method against this project's serving path, in one run.
+"""CPU inference: the original project's method, this project's serving path and llama.cpp, in one run.
 
 Random weights of phi-2's real shape (2.78B parameters; built on the meta device and filled in place,
-no 2.7B-parameter init loop) with a random LoRA, TinyCLIP's vision tower and whisper base.en, saved
-once as checkpoints. Each method then runs in its own process (so peak memory is its own) on the
-same weights and the same prompt (49 image embeddings + 40 text tokens) and generates 64 greedy tokens:
+no 2.7B-parameter init loop), written as microsoft/phi-2 ships (fp16, two shards and their index) with
+the outliers of trained LLMs planted through the weights (`inference/standins.py`), a random LoRA,
+TinyCLIP's vision tower and whisper base.en. Each method then runs in its own process (so peak memory
+is its own) on the same weights and the served prompt (system prompt, template, 49 image embeddings
+and a 40-token question) and generates 64 greedy tokens:
 
 - original: fp32, LoRA merged, no KV cache (a full forward over the whole sequence per new token)
 - fp32 / bf16 / int8: this project's `load_weights(precision=...)` and KV-cached `generate`
+- llama.cpp-q8_0 / llama.cpp-q4_k_m: the merged language model converted by llama.cpp's own
+  convert_hf_to_gguf.py (--gguf-converter) and run through llama-cpp-python's C API, fed the same
+  token ids and image embeddings (needs llama-cpp-python; left out, and said so, without it)
 
 Reported: load time and peak RSS while loading (int8: the whole app, Whisper and TinyCLIP included),
 time to first token, decode tokens/s, the 64-token total, peak RSS while generating, greedy tokens
 that match the original's, ratios to the original method and to the memory-bandwidth limit measured
-in the same run, TinyCLIP's encode time, Whisper's time for a 10 s question, and what reusing the
-KV cache saves on a follow-up question.
+in the same run, teacher-forced agreement with fp32 (minimum logit cosine over the answer positions
+that do not read an outlier-carrying token), the winner by the serving rule (the fastest whole answer
+at minimum cosine ≥ 0.99), TinyCLIP's encode time, Whisper's time for a 10 s question, and what
+reusing the KV cache saves on a follow-up question. The CPU and its instruction sets are printed.
 
-    python benchmarks/cpu_inference.py            # phi-2's shape: about 10 minutes, 12 GB peak (original)
-    python benchmarks/cpu_inference.py --small    # a 0.16B model of the same structure, about a minute
+    python benchmarks/cpu_inference.py --gguf-converter PATH/convert_hf_to_gguf.py   # phi-2: about 35 min
+    python benchmarks/cpu_inference.py --small    # a 0.16B model of the same structure, a few minutes
 
 The table is printed and written to benchmarks/RESULTS.md (replacing the previous run of the same mode).
 """
