@@ -176,6 +176,15 @@ def test_feature_cache_knows_its_model_layer_and_images(coco, prepared, clip_dir
         torch.from_numpy(cache["val2017/" + replaced.name].astype("float32")), fresh, atol=2e-2, rtol=1e-2
     )
 
+    broken = images / "val2017" / f"{2002:012d}.jpg"  # unreadable when cached: left out of training
+    broken.write_bytes(b"not an image")
+    assert "val2017/" + broken.name in build()["failed"]
+    make_shape_image("green", size=(96, 96)).save(broken, quality=95)  # repaired
+    with pytest.raises(FeatureCacheError, match="changed since"):
+        open_cache(out, str(tower), -2, images)
+    assert not build()["failed"]  # the rebuild reads it this time
+    assert "val2017/" + broken.name in open_cache(out, str(tower), -2, images)
+
     tiny.build_tiny_clip(tower, seed=1)  # the same path (or Hub id) now holds other weights
     with pytest.raises(FeatureCacheError, match="fingerprint"):
         open_cache(out, str(tower), -2, images)

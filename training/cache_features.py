@@ -109,7 +109,8 @@ def build_cache(
                 rows.append(tower(torch.stack(pixels).to(device)).float().cpu().numpy().astype(np.float16))
             progress.update(len(batch))
         empty = np.zeros((0, tower.num_patches, tower.width), dtype=np.float16)
-        save_shard(out, index, names, np.concatenate(rows) if rows else empty, shard_failed, key)
+        key_and_failed = key | {"failed_stamps": {name: stamps.get(name) for name in shard_failed}}
+        save_shard(out, index, names, np.concatenate(rows) if rows else empty, shard_failed, key_and_failed)
         failed.update(shard_failed)
         cached += len(names)
     progress.close()
@@ -122,10 +123,13 @@ def still_valid(listing: dict | None, key: dict, shard: list[str], image_folder:
         return False
     if set(listing["images"]) | set(listing["failed"]) != set(shard):
         return False
-    return all(
-        (image_folder / image).is_file() and image_stamp(image_folder / image) == stamp
-        for image, stamp in listing["images"].items()
-    )
+
+    def current(image: str) -> list[int] | None:
+        return image_stamp(image_folder / image) if (image_folder / image).is_file() else None
+
+    # An image that could not be read counts as changed once it is replaced (or appears): it is tried again.
+    cached = all(current(image) == stamp for image, stamp in listing["images"].items())
+    return cached and all(current(image) == stamp for image, stamp in listing.get("failed_stamps", {}).items())
 
 
 @command

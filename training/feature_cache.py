@@ -84,8 +84,9 @@ def save_shard(
 ) -> None:
     """Write one shard: its array under a fresh name, then (atomically) the listing that names it.
 
-    `images` maps each row's image to its stamp, in row order; `key` (fingerprint, layer) says what made
-    the rows. The array an earlier listing named is deleted only once the new listing is in place.
+    `images` maps each row's image to its stamp, in row order; `key` (fingerprint, layer, and the stamps
+    of the images that could not be read) says what made the rows. The array an earlier listing named
+    is deleted only once the new listing is in place.
     """
     if len(images) != len(features):
         raise ValueError(f"{len(images)} image names for {len(features)} feature rows")
@@ -157,6 +158,7 @@ class FeatureCache:
             for row, (image, stamp) in enumerate(listing["images"].items()):
                 self._where[image] = (listing["array"], row)
                 self.stamps[image] = stamp
+            self.stamps |= listing.get("failed_stamps", {})  # unreadable then: a replaced one is a change too
         self._shards: dict[str, np.ndarray] = {}
 
     def check(self, vision_model: str, feature_layer: int, image_folder: str | Path | None = None) -> None:
@@ -172,7 +174,7 @@ class FeatureCache:
             changed = [
                 image
                 for image, stamp in self.stamps.items()
-                if (path := Path(image_folder) / image).is_file() and image_stamp(path) != stamp
+                if (path := Path(image_folder) / image).is_file() and (stamp is None or image_stamp(path) != stamp)
             ]
             if changed:
                 raise FeatureCacheError(
