@@ -198,6 +198,15 @@ def massive_tokens(tokenizer) -> list[int]:
     return sorted({prompt_ids(tokenizer)[0], *tokenizer("\n")["input_ids"]})
 
 
+def speeds(start: float, times: list[float]) -> dict[str, float]:
+    """First token, decode rate and whole answer, from the generation's start and each token's arrival."""
+    return {
+        "first_s": times[0] - start,
+        "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+        "total_s": times[-1] - start,
+    }
+
+
 def random_image_embeds(width: int) -> torch.Tensor:
     """The image's 49 embeddings, the same for every method (the projector's output is not under test)."""
     generator = torch.Generator().manual_seed(0)
@@ -262,7 +271,6 @@ def run_method(method: str, folder: Path, threads: int) -> dict:
             options = GenerationOptions(max_new_tokens=NEW_TOKENS)
             tokens = model.generate(ids, image_embeds, options, streamer=clock)
             times = clock.times
-    first, total = times[0] - start, times[-1] - start
     # Quality against the original's (fp32) tokens, teacher-forced so that errors do not compound; the
     # original runs first and leaves its tokens for the others.
     reference = folder / "tokens-original.json"
@@ -273,13 +281,7 @@ def run_method(method: str, folder: Path, threads: int) -> dict:
         inputs = model.build_inputs([ids + forced], image_embeds)
         logits = model.language_model(inputs_embeds=inputs.inputs_embeds).logits[0, -len(forced) - 1 : -1].float()
     np.save(folder / f"logits-{method}.npy", logits.numpy())
-    result |= {
-        "first_s": first,
-        "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
-        "total_s": total,
-        "tokens": tokens,
-        "generate_peak": rss.peak,
-    }
+    result |= speeds(start, times) | {"tokens": tokens, "generate_peak": rss.peak}
     if method == "int8":
         result |= extras(model, loaded, transcriber, ids)
     return result
@@ -389,10 +391,10 @@ def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
     """The language model alone in llama.cpp, on the same prompt and image embeddings as the torch methods."""
     from transformers import AutoTokenizer
 
-    path = folder / f"{method.removeprefix('llama.cpp-')}.gguf"
-    start = time.perf_counter()
     from inference.llamacpp import LlamaCpp
 
+    path = folder / f"{method.removeprefix('llama.cpp-')}.gguf"
+    start = time.perf_counter()
     llm = LlamaCpp(path, threads)
     result = {"method": method, "load_s": time.perf_counter() - start, "load_peak": peak_rss()}
     result["weights"] = path.stat().st_size
@@ -411,15 +413,7 @@ def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
     llm.clear()
     every = llm.decode(ids + forced, image_embeds, 0, outputs="all")
     np.save(folder / f"logits-{method}.npy", every[len(ids) - 1 : -1])
-    first, total = times[0] - start, times[-1] - start
-    decode = (len(times) - 1) / (times[-1] - times[0])
-    return result | {
-        "first_s": first,
-        "decode_tok_s": decode,
-        "total_s": total,
-        "tokens": tokens,
-        "generate_peak": rss.peak,
-    }
+    return result | speeds(start, times) | {"tokens": tokens, "generate_peak": rss.peak}
 
 
 # ---------------------------------------------------------------- report

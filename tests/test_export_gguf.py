@@ -23,8 +23,7 @@ def weights(gpt2_phi_dir, clip_dir, tmp_path_factory):
     return tiny.build_weights_folder(tmp_path_factory.mktemp("gguf") / "weights", gpt2_phi_dir, clip_dir)
 
 
-def pytorch_logits(weights, ids, image_embeds):
-    model = load_weights(weights, precision=Precision.FP32).model
+def pytorch_logits(model, ids, image_embeds):
     with torch.no_grad():
         inputs = model.build_inputs([ids], image_embeds)
         return model.language_model(inputs_embeds=inputs.inputs_embeds).logits[0]
@@ -40,7 +39,7 @@ def test_llama_cpp_computes_what_pytorch_does_on_the_export(weights, tmp_path, k
     ids = prompt_ids(loaded.tokenizer, QUESTION, loaded.manifest.image_tokens)
     with torch.no_grad():
         image_embeds = loaded.model.encode_images(pixels(loaded.model, make_shape_image("red")))
-    expected = pytorch_logits(weights, ids, image_embeds)
+    expected = pytorch_logits(loaded.model, ids, image_embeds)
     actual = torch.from_numpy(llm.decode(ids, image_embeds[0].numpy(), 0, outputs="all"))
     # Every position, the image's included: layout, rotary dimensions, biases and the merged LoRA all agree.
     assert F.cosine_similarity(actual, expected, dim=-1).min() > cosine

@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from inference import Assistant, GenerationOptions, Manifest, TemplateName, tiny
 from inference.cli import UsageError
 from inference.precision import Precision
 from inference.vision import VisionTower, load_image, preprocess
-from tests.kit import make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
+from tests.kit import free_port, make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
 from training import cache_features, prepare_coco, publish, stage1_align
 from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, trainable_checksum
 from training.data import Collator, load_examples
@@ -284,12 +283,6 @@ def test_a_run_with_dropout_killed_anywhere_resumes_bit_for_bit(features, coco, 
         return [(row["step"], row["train_loss"], row["eval_loss"], row["lr"]) for row in read_log(path / "log.csv")]
 
     assert losses(output) == losses(tmp_path / "whole")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_train_one_projector(features, coco, caption_lm, clip_dir, tmp_path):
