@@ -3,9 +3,10 @@
     python app.py                      # weights/ if trained, else the original project's checkpoint
     python app.py --weights DIR_OR_ID  # a weights folder, or a Hub repo id (OWNER/NAME[@REVISION])
     python app.py --demo               # tiny random models built offline: try the UI anywhere
+    python app.py --backend torch      # the language model in PyTorch (int8) instead of llama.cpp
 
-Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, PRECISION, DEMO=1,
-SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
+Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, BACKEND, GGUF,
+PRECISION, DEMO=1, SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
 first access from those settings); the layout and events are all this file holds: the work is done
 by one `inference.Assistant`.
 """
@@ -35,6 +36,7 @@ from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
 from inference.threads import set_threads
 
+BACKENDS = ["llama.cpp", "torch"]
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
 EXAMPLES = [
@@ -146,7 +148,8 @@ def header(assistant: Assistant, demo_mode: bool) -> str:
         f"Upload an image, then type or record a question. Weights **{manifest.name}**: "
         f"`{manifest.vision_model}` → {manifest.projector.type.value} projector → `{manifest.language_model}`"
         + (" + LoRA (merged)" if manifest.adapter else "")
-        + (f", {assistant.precision.value} on the CPU" if assistant.precision else ""),
+        + (f", {assistant.precision.value} on the CPU" if assistant.precision else "")
+        + (", llama.cpp" if assistant.backend == "llama.cpp" else ""),
     ]
     if demo_mode:
         lines.append(f"> {DEMO_BANNER}")
@@ -249,10 +252,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--whisper", default=env("WHISPER", DEFAULT_WHISPER), help="whisper size or .pt path (env WHISPER)"
     )
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env("BACKEND", "llama.cpp"),
+        help="where the language model runs (env BACKEND): llama.cpp (q8_0, the fastest faithful one in "
+        "benchmarks/cpu_inference.py) or torch",
+    )
+    parser.add_argument(
+        "--gguf",
+        default=env("GGUF"),
+        help="llama.cpp backend: folder or Hub repo id with the language-model-*.gguf that training.export_gguf "
+        "wrote for these weights (env GGUF); default: exported from the weights at the first start",
+    )
+    parser.add_argument(
         "--precision",
         choices=[precision.value for precision in Precision],
         default=env("PRECISION", DEFAULT_PRECISION.value),
-        help="language model precision on the CPU (env PRECISION): int8 is fastest (benchmarks/cpu_inference.py)",
+        help="torch backend: language model precision on the CPU (env PRECISION)",
     )
     parser.add_argument(
         "--demo",
@@ -293,17 +309,20 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
         folder = Path(tempfile.mkdtemp(prefix="vqa-demo-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
         weights, whisper = build_demo_weights(folder)
-        assistant = Assistant.from_weights(weights, whisper_model=str(whisper), precision=args.precision)
+        assistant = Assistant.from_weights(
+            weights, str(whisper), args.precision, args.backend, args.gguf, gguf_cache=folder / "gguf"
+        )
     else:
         try:
             weights = choose_weights(args.weights)
-            assistant = Assistant.from_weights(weights, whisper_model=args.whisper, precision=args.precision)
+            assistant = Assistant.from_weights(weights, args.whisper, args.precision, args.backend, args.gguf)
         except ManifestError as error:
             raise UsageError(
                 f"cannot start: {error}. Train weights (README, training/) into weights/, pass --weights with a "
                 "folder or Hub repo id, or run with --demo to try the interface on tiny random models"
             ) from None
-    print(f"Loaded {assistant.manifest.name} ({args.precision}) in {time.perf_counter() - started:.1f} s", flush=True)
+    served = "llama.cpp" if args.backend == "llama.cpp" else args.precision
+    print(f"Loaded {assistant.manifest.name} ({served}) in {time.perf_counter() - started:.1f} s", flush=True)
     return assistant
 
 

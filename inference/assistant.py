@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -20,6 +21,9 @@ from transformers import TextIteratorStreamer
 from inference.config import GenerationOptions, Manifest
 from inference.loading import load_weights
 from inference.model import MultimodalPhi, PrefixCache
+
+if TYPE_CHECKING:
+    from inference.llamacpp import LlamaCppModel
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
@@ -45,11 +49,12 @@ class Reply:
 class Assistant:
     def __init__(
         self,
-        model: MultimodalPhi,
+        model: MultimodalPhi | LlamaCppModel,
         tokenizer,
         manifest: Manifest,
         transcriber: Transcriber | None = None,
         precision: Precision | None = None,  # how the model was loaded, when known (shown by the app)
+        backend: str = "torch",  # shown by the app
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -58,6 +63,7 @@ class Assistant:
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.prefixes = PrefixCache(PREFIX_CACHES)  # follow-up turns reuse the KV cache of earlier ones
         self.precision = precision
+        self.backend = backend
         self._lock = threading.Lock()
 
     @classmethod
@@ -66,16 +72,29 @@ class Assistant:
         weights: str | Path,
         whisper_model: str | None = DEFAULT_WHISPER,
         precision: Precision = DEFAULT_PRECISION,
+        backend: str = "torch",
+        gguf: str | Path | None = None,
+        gguf_cache: Path | None = None,
     ) -> Assistant:
-        """Load a weights folder (or Hub id) in `precision`, and a whisper model unless `whisper_model` is None."""
+        """Load a weights folder (or Hub id) and a whisper model unless `whisper_model` is None.
+
+        The language model runs in PyTorch in `precision` (backend "torch"), or in llama.cpp (backend
+        "llama.cpp": the GGUF file in `gguf`, or exported from the weights once into `gguf_cache`, by
+        default the Hub cache's folder; `inference.llamacpp`).
+        """
+        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
+        if backend == "llama.cpp":
+            from inference.llamacpp import GGUF_CACHE, load_llamacpp
+
+            loaded = load_llamacpp(weights, gguf, torch.get_num_threads(), gguf_cache or GGUF_CACHE)
+            return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, None, backend)
         precision = Precision(precision)
         loaded = load_weights(weights, precision=precision)
-        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
-        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision)
+        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision, backend)
 
     @property
     def max_positions(self) -> int:
-        return self.model.language_model.config.max_position_embeddings
+        return self.model.max_positions
 
     def chat(
         self,

@@ -3,6 +3,7 @@
 - `weights_card`: a multimodal weights folder (manifest, projector, optional LoRA): what training's
   stages and the original checkpoint's import write, and what the app serves.
 - `language_model_card`: a transformers model folder of a language model alone (pretraining's output).
+- `gguf_card`: a GGUF export for llama.cpp (training.export_gguf), with the commands that run it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from inference.config import Manifest
+from inference.prompt import PHI2_SYSTEM
 
 # The run summary's entries shown in a card's results table, when present.
 SUMMARY_METRICS = ("steps", "final_train_loss", "final_eval_loss", "train_loss", "eval_loss", "seconds")
@@ -33,6 +35,9 @@ def weights_card(folder: str | Path, summary: dict[str, Any] | None = None, data
         text += f" {manifest.training['note']}."
     parts = [
         "Served by this project's app: `python app.py --weights OWNER/THIS_REPO` (or a local copy).",
+        "For llama.cpp, ollama or LM Studio: `python -m training.export_gguf --weights OWNER/THIS_REPO --out gguf` "
+        "writes the language model and the vision projector as GGUF, with the commands that run them "
+        "(the app serves that folder with `--gguf`).",
         "",
         f"- vision model: `{manifest.vision_model}` (hidden layer {manifest.vision_feature_layer}, "
         f"{manifest.image_tokens} patch tokens)",
@@ -78,6 +83,65 @@ def language_model_card(
         command=command,
         summary_metrics=run_summary or {},
         has_plot=_has_plot(Path(folder)),
+    )
+
+
+def gguf_card(manifest: Manifest, language_model: str, mmproj: str | None) -> str:
+    """The card of an exported GGUF folder: the files, and how llama.cpp, its server and ollama run them."""
+    files = [f"- `{language_model}`: `{manifest.language_model}` with the LoRA merged, llama.cpp's `phi2` architecture"]
+    if mmproj:
+        files.append(
+            f"- `{mmproj}`: the vision encoder `{manifest.vision_model}` and the projector (llama.cpp's `mlp`)"
+        )
+        run = [
+            "## Run it",
+            "",
+            "Checked here: llama.cpp (through llama-cpp-python) loads both files and answers image questions as "
+            "PyTorch does (this project's tests). Written from llama.cpp's and ollama's documentation and not run "
+            "here: the commands below.",
+            "",
+            "```bash",
+            f"llama-mtmd-cli -m {language_model} --mmproj {mmproj} --image photo.jpg -p 'What is in this picture?'",
+            f"llama-server -m {language_model} --mmproj {mmproj} --port 8080  # OpenAI-compatible /v1/chat/completions",
+            "```",
+            "",
+            "ollama (`ollama create NAME -f Modelfile`), with this project's chat template:",
+            "",
+            "```",
+            f"FROM ./{language_model}",
+            f"FROM ./{mmproj}",
+            'TEMPLATE """{{ .System }}',
+            '{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}{{ if $i }}',
+            '{{ end }}USER: {{ $m.Content }} ASSISTANT:{{ else if eq $m.Role "assistant" }} {{ $m.Content }}'
+            '<|endoftext|>{{ end }}{{ end }}"""',
+            f'SYSTEM """{PHI2_SYSTEM}"""',
+            'PARAMETER stop "<|endoftext|>"',
+            "```",
+            "",
+            "llama.cpp's LLaVA graph (up to at least the build in llama-cpp-python 0.3.36) puts CLIP's class "
+            "token after the patches while feeding positions as if it came first (ggml-org/llama.cpp#25814): each "
+            "patch gets its neighbour's position embedding, the first patch is dropped and the class token is fed "
+            "as the last image position. The app's llama.cpp backend encodes images in PyTorch and is not "
+            "affected; the project README measures what the bug costs through `--mmproj`.",
+        ]
+    else:
+        files.append(
+            f"- no mmproj: the {manifest.projector.type.value} projector has no llama.cpp counterpart; "
+            "the project's app serves this pair with images encoded in PyTorch"
+        )
+        run = ["## Run it", "", "```bash", f"llama-cli -m {language_model} -p 'Hello'  # text only", "```"]
+    return _card(
+        title=f"{manifest.name} (GGUF)",
+        summary=f"llama.cpp files of `{manifest.name}`, written by this project's `training.export_gguf`.",
+        details=[*files, "", *run],
+        base_models=[manifest.language_model, manifest.vision_model],
+        library_name="gguf",
+        pipeline_tag="image-text-to-text",
+        datasets=(),
+        tags=(*MULTIMODAL_TAGS, "gguf", "llama.cpp"),
+        command=None,
+        summary_metrics={},
+        has_plot=False,
     )
 
 

@@ -1,37 +1,82 @@
-"""llama.cpp through llama-cpp-python's C API: prompts of token ids and image embeddings, logits out.
+"""llama.cpp through llama-cpp-python's C API: the app's llama.cpp backend, and the checks of exported files.
 
 The image's positions go in as an embedding batch (the projector's output), the text as tokens, in
-one sequence; that is what llama.cpp's own multimodal runtime does with an mmproj file. Used to check
-exported GGUF files against PyTorch and by the CPU benchmark.
+one sequence; that is what llama.cpp's own multimodal runtime does with an mmproj file. `LlamaCpp` is
+the language model (logits for a prompt), `LlamaCppVision` llama.cpp's own image encoder (an mmproj
+file), `LlamaCppModel` the serving backend, and `load_llamacpp` builds it for a weights folder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
+import importlib.util
+import json
+import shutil
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from huggingface_hub.constants import HF_HOME
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from inference.cli import UsageError
+from inference.config import GenerationOptions, Manifest, ManifestError
+from inference.gguf_files import export
+from inference.hub import resolve_weights
+from inference.loading import LoadedWeights, build_model
+from inference.model import MultimodalPhi, shared_prefix
 from inference.prompt import IMAGE_PLACEHOLDER_ID
 
 
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python's C API: a prompt of token ids and image embeddings, greedy decoding."""
+@functools.cache
+def _quiet_logs() -> object:
+    """Route llama.cpp's and mtmd's load chatter (hundreds of lines) to nowhere; errors surface as return codes."""
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
 
-    def __init__(self, path: Path, threads: int, context: int = 512) -> None:
+    callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p())
+    mtmd_cpp.mtmd_log_set(callback, ctypes.c_void_p())
+    return callback  # kept alive by the cache: llama.cpp calls it for the life of the process
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C API: a prompt of token ids and image embeddings, logits out."""
+
+    def __init__(self, path: Path, threads: int, context: int = 512, batch: int = 512) -> None:
         import llama_cpp
 
+        _quiet_logs()
         self.api = llama_cpp
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = context
+        params.n_ctx = context
+        params.n_batch = params.n_ubatch = self.batch = min(batch, context)
         params.n_threads = params.n_threads_batch = threads
         self.context = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.context:
+            raise RuntimeError(f"llama.cpp could not make a {context}-position context for {path}")
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.width = llama_cpp.llama_model_n_embd(self.model)
+
+    def __del__(self) -> None:
+        if getattr(self, "context", None):
+            self.api.llama_free(self.context)
+        if getattr(self, "model", None):
+            self.api.llama_model_free(self.model)
 
     def tokenize(self, text: str) -> list[int]:
         """llama.cpp's own tokenization of `text` (no special tokens added or parsed)."""
@@ -44,13 +89,17 @@ class LlamaCpp:
     def clear(self) -> None:
         self.api.llama_memory_clear(self.api.llama_get_memory(self.context), True)
 
+    def forget_from(self, position: int) -> None:
+        """Drop the KV cache's positions from `position` on (the ones before it stay usable)."""
+        self.api.llama_memory_seq_rm(self.api.llama_get_memory(self.context), 0, position, -1)
+
     def decode(self, ids: list[int], embeds: np.ndarray, start: int, outputs: str = "last") -> np.ndarray:
         """Feed `ids` (image placeholders taking the rows of `embeds` in order) at positions from `start`;
         returns the logits of the last position, or of every position (`outputs="all"`)."""
-        runs, row = [], 0  # consecutive token runs and image runs, each one batch
+        runs, row = [], 0  # consecutive token runs and image runs, each at most one batch
         for position, token in enumerate(ids):
             image = token == IMAGE_PLACEHOLDER_ID
-            if not runs or runs[-1][0] != image:
+            if not runs or runs[-1][0] != image or len(runs[-1][1]) == self.batch:
                 runs.append((image, []))
             runs[-1][1].append((position, token))
         logits = []
@@ -80,3 +129,175 @@ class LlamaCpp:
     def logits(self, index: int) -> np.ndarray:
         pointer = self.api.llama_get_logits_ith(self.context, index)
         return np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy()
+
+
+class LlamaCppVision:
+    """llama.cpp's own image encoder (`mmproj` file, through llama-cpp-python's mtmd bindings): an RGB
+    image → the projected embeddings its multimodal runtime feeds the language model."""
+
+    def __init__(self, mmproj: Path, language_model: LlamaCpp, threads: int) -> None:
+        from llama_cpp import mtmd_cpp
+
+        self.mtmd = mtmd_cpp
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, threads, False
+        self.context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), language_model.model, params)
+        if not self.context:
+            raise RuntimeError(f"llama.cpp could not load {mmproj}")
+        self.width = language_model.width
+
+    def encode(self, image: Image.Image) -> np.ndarray:
+        """(image positions, width) float32: the rows llama.cpp decodes in place of the image."""
+        mtmd = self.mtmd
+        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        data = pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, data)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            marker = mtmd.mtmd_default_marker()
+            text = mtmd.mtmd_input_text(marker, len(marker), False, True)
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            if mtmd.mtmd_tokenize(self.context, chunks, ctypes.byref(text), bitmaps, 1):
+                raise RuntimeError("llama.cpp could not tokenize the image")
+            chunk = next(
+                mtmd.mtmd_input_chunks_get(chunks, index)
+                for index in range(mtmd.mtmd_input_chunks_size(chunks))
+                if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, index))
+                == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+            )
+            if mtmd.mtmd_encode_chunk(self.context, chunk):
+                raise RuntimeError("llama.cpp could not encode the image")
+            rows = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            pointer = mtmd.mtmd_get_output_embd(self.context)
+            return np.ctypeslib.as_array(pointer, shape=(rows * self.width,)).reshape(rows, self.width).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
+
+
+class LlamaCppModel:
+    """The app's llama.cpp backend, in the place of `MultimodalPhi` for `Assistant`: images go through
+    the weights' own vision tower and projector in PyTorch (fp32: exact for every projector type, and
+    untouched by llama.cpp's class-token bug, see `inference.gguf_files`), their embeddings and the text
+    through the language model in llama.cpp. Decoding follows `MultimodalPhi.generate`: the same stop
+    rule (end of text, the stop event, `max_new_tokens`) and transformers' own logits processors for the
+    repetition penalty, temperature and top-p. The KV cache of the last answer is reused for the longest
+    prefix the next prompt shares with it (a conversation's earlier turns), as `PrefixCache` does."""
+
+    def __init__(self, vision: MultimodalPhi, language_model: Path, threads: int) -> None:
+        self.vision = vision.eval()
+        self.vision_tower = vision.vision_tower
+        self.eos_token_id = vision.eos_token_id
+        self.max_positions = vision.language_model.config.max_position_embeddings
+        self.llm = LlamaCpp(language_model, threads, context=self.max_positions)
+        self.cached: list[int] = []  # the positions the KV cache holds
+        self.cached_image: object = None
+        self.lock = threading.Lock()  # one llama.cpp context: one answer at a time
+
+    def eval(self) -> LlamaCppModel:
+        return self
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision.encode_images(pixel_values).float()
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        image_embeds: torch.Tensor | None,
+        options: GenerationOptions | None = None,
+        streamer=None,
+        stop: threading.Event | None = None,
+        prefixes: object = None,  # MultimodalPhi's interface; this backend keeps its own cache
+        image_key: str = "",
+    ) -> list[int]:
+        """Answer one prompt; returns the new token ids (ending with the end-of-text id if it stopped there)."""
+        options = options or GenerationOptions()
+        input_ids = list(input_ids)
+        image_key = image_key or object()  # an unnamed image matches no other
+        embeds = image_embeds[0].float().numpy() if image_embeds is not None else np.zeros((0, self.llm.width))
+        with self.lock:
+            shared = min(shared_prefix(self.cached, self.cached_image, input_ids, image_key), len(input_ids) - 1)
+            self.llm.forget_from(shared)
+            self.cached, self.cached_image = input_ids[:shared], image_key
+            rows = input_ids[:shared].count(IMAGE_PLACEHOLDER_ID)  # image rows the kept cache already holds
+            logits = self.llm.decode(input_ids[shared:], embeds[rows:], start=shared)
+            self.cached = list(input_ids)
+            if streamer is not None:
+                streamer.put(torch.tensor([input_ids]))  # the prompt, which the streamer skips
+            tokens: list[int] = []
+            while len(tokens) < options.max_new_tokens and not (stop is not None and stop.is_set()):
+                token = next_token(logits, tokens, options)
+                tokens.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if token == self.eos_token_id or len(tokens) == options.max_new_tokens:
+                    break
+                logits = self.llm.decode([token], embeds[:0], start=len(self.cached))
+                self.cached.append(token)
+            if streamer is not None:
+                streamer.end()
+        return tokens
+
+
+def next_token(logits: np.ndarray, generated: list[int], options: GenerationOptions) -> int:
+    """The next token as transformers' `generate` picks it from these logits (its processors, in its order)."""
+    scores = torch.from_numpy(logits).float()[None]
+    ids = torch.tensor([generated], dtype=torch.long)
+    if options.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(options.repetition_penalty)(ids, scores)
+    if not options.do_sample:
+        return int(scores.argmax())
+    scores = TopPLogitsWarper(options.top_p)(ids, TemperatureLogitsWarper(options.temperature)(ids, scores))
+    return int(torch.multinomial(scores.softmax(-1), 1))
+
+
+GGUF_CACHE = Path(HF_HOME) / "vqa-assistant" / "gguf"  # exports made at startup, one folder per weights
+SERVED_KIND = "q8_0"  # the benchmark's winner: benchmarks/RESULTS.md
+
+
+def load_llamacpp(
+    weights: str | Path, gguf: str | Path | None, threads: int, cache: Path = GGUF_CACHE
+) -> LoadedWeights:
+    """The llama.cpp backend for a weights folder: its vision tower and projector from the folder, the
+    language model from `gguf` (a folder or Hub repo holding `language-model-*.gguf`), or, without one,
+    exported once from the weights into `cache` (q8_0; the first start takes the export's time)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UsageError(
+            "the llama.cpp backend needs llama-cpp-python (pip install -c constraints.txt -r requirements.txt); "
+            "or serve with --backend torch"
+        )
+    folder = resolve_weights(weights)
+    manifest = Manifest.load(folder)
+    path = _gguf_file(resolve_weights(gguf)) if gguf else _exported(folder, manifest, cache)
+
+    def skeleton(reference: str) -> PreTrainedModel:  # shapes only: llama.cpp holds the weights
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(reference))
+
+    vision, tokenizer = build_model(manifest, folder, skeleton)
+    return LoadedWeights(LlamaCppModel(vision, path, threads), tokenizer, manifest)
+
+
+def _gguf_file(folder: Path) -> Path:
+    files = sorted(folder.glob("language-model-*.gguf"))
+    if not files:
+        raise ManifestError(f"{folder} holds no language-model-*.gguf (python -m training.export_gguf writes one)")
+    preferred = folder / f"language-model-{SERVED_KIND}.gguf"
+    return preferred if preferred in files else files[0]
+
+
+def _exported(folder: Path, manifest: Manifest, cache: Path) -> Path:
+    """This weights folder's export in the cache, made now when missing; keyed by the folder's place and
+    its manifest, projector and adapter files (size and time), so retrained weights are exported afresh."""
+    stamp = [str(folder.resolve()), json.dumps(manifest.to_dict(), sort_keys=True)]
+    for file in sorted(folder.rglob("*.safetensors")):
+        stamp.append(f"{file.relative_to(folder)} {file.stat().st_size} {file.stat().st_mtime_ns}")
+    target = cache / hashlib.sha1("\n".join(stamp).encode(), usedforsecurity=False).hexdigest()[:16]
+    if not (target / f"language-model-{SERVED_KIND}.gguf").is_file():
+        print(f"exporting the language model to llama.cpp's format once, into {target}", flush=True)
+        staging = target.with_name(f".{target.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        export(folder, staging, SERVED_KIND)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return _gguf_file(target)

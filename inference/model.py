@@ -50,6 +50,10 @@ class MultimodalPhi(nn.Module):
         return self.language_model.get_input_embeddings().weight.device
 
     @property
+    def max_positions(self) -> int:
+        return self.language_model.config.max_position_embeddings
+
+    @property
     def embedding_dtype(self) -> torch.dtype:
         return self.language_model.get_input_embeddings().weight.dtype
 
@@ -59,10 +63,10 @@ class MultimodalPhi(nn.Module):
         """Pixels (B, 3, H, W), or cached patch features (B, patches, vision width) → (B, patches, text width)."""
         if (pixel_values is None) == (image_features is None):
             raise ValueError("give exactly one of pixel_values or image_features")
-        if image_features is None:
-            image_features = self.vision_tower(pixel_values.to(self.device))
-        projector_dtype = next(self.projector.parameters()).dtype
-        image_embeds = self.projector(image_features.to(self.device, projector_dtype))
+        projector = next(self.projector.parameters())  # the tower is where the projector is (the language
+        if image_features is None:  # model may be elsewhere: on the meta device for the llama.cpp backend)
+            image_features = self.vision_tower(pixel_values.to(projector.device))
+        image_embeds = self.projector(image_features.to(projector.device, projector.dtype))
         return image_embeds.to(self.embedding_dtype)
 
     def build_inputs(
@@ -186,7 +190,7 @@ class PrefixCache:
         with self.lock:
             best, length = None, 0
             for index, (cached, cached_image, _) in enumerate(self.entries):
-                shared = _shared_prefix(cached, cached_image, input_ids, image_key)
+                shared = shared_prefix(cached, cached_image, input_ids, image_key)
                 if shared > length:
                     best, length = index, shared
             length = min(length, len(input_ids) - 1)  # at least one position must be fed to get logits
@@ -205,7 +209,7 @@ class PrefixCache:
             del self.entries[: -self.size]
 
 
-def _shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: object) -> int:
+def shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: object) -> int:
     """Leading positions two prompts share; with different images, only those before the first image position."""
     length = 0
     for x, y in zip(a, b, strict=False):

@@ -16,17 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from PIL import Image
 
 from inference import tiny
-from inference.config import ProjectorType
+from inference.config import GenerationOptions, ProjectorType
+from inference.loading import load_weights
+from inference.precision import Precision
+from inference.prompt import Conversation, Turn, render
+from inference.vision import pixel_values
 from tests import kit
-from tests.synthetic_shapes import QUESTIONS, language_texts, make_dataset
+from tests.synthetic_shapes import QUESTIONS, language_texts, make_dataset, scenes
 from training import cache_features, evaluate, prepare_coco, prepare_instruct, stage1_align, stage2_instruct
 from training.stage1_align import Stage1Config
 from training.stage2_instruct import Stage2Config
@@ -121,6 +127,45 @@ def run(
     result = {"untrained": accuracy_by_kind(before), "trained": accuracy_by_kind(after)}
     (out / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def llama_cpp_agreement(out: Path, questions: int = 10, tokens: int = 8) -> dict[str, float]:
+    """How often llama.cpp's first `tokens` greedy tokens equal PyTorch fp32's, on the trained weights in
+    `out` (after `run`) exported as GGUF: held-out image questions with the image encoded in PyTorch (the
+    app's llama.cpp backend) and by llama.cpp's mmproj, and text-only prompts; images at 224 × 224, the
+    vision model's own size, so no resizing differs."""
+    from inference.gguf_files import export
+    from inference.llamacpp import LlamaCppModel, LlamaCppVision
+
+    weights = out / "stage2" / "weights"
+    loaded = load_weights(weights, precision=Precision.FP32)
+    model, manifest, options = loaded.model, loaded.manifest, GenerationOptions(max_new_tokens=tokens)
+    kinds = list(QUESTIONS)
+    cases = []  # (prompt ids, image or None)
+    for index in range(questions):
+        image = Image.open(out / "data" / "val2017" / f"{100_000 + index:012d}.png").convert("RGB")
+        conversation = Conversation((Turn(QUESTIONS[kinds[index % len(kinds)]][0]),))
+        rendered = render(manifest.template, conversation, loaded.tokenizer, True, image_tokens=manifest.image_tokens)
+        cases.append((rendered.input_ids, image.resize((224, 224), Image.Resampling.BICUBIC)))
+    for text in language_texts(scenes(questions, random.Random(0)))[:questions]:
+        cases.append((loaded.tokenizer(text[: len(text) // 2])["input_ids"], None))
+    with torch.no_grad():
+        embeds = [model.encode_images(pixel_values([image], 224)) if image else None for _, image in cases]
+        expected = [model.generate(ids, embed, options) for (ids, _), embed in zip(cases, embeds, strict=True)]
+    agreement = {}
+    for kind in ("f16", "q8_0"):
+        exported = export(weights, out / f"gguf-{kind}", kind)
+        served = LlamaCppModel(model, exported.language_model, threads=2)
+        answers = [served.generate(ids, embed, options) for (ids, _), embed in zip(cases, embeds, strict=True)]
+        same = [answer == want for answer, want in zip(answers, expected, strict=True)]
+        agreement[f"{kind}, image encoded in PyTorch"] = sum(same[:questions]) / questions
+        agreement[f"{kind}, text only"] = sum(same[questions:]) / questions
+        vision = LlamaCppVision(exported.mmproj, served.llm, threads=2)
+        images = [torch.from_numpy(vision.encode(image))[None] for _, image in cases[:questions]]
+        answers = [served.generate(ids, embed, options) for (ids, _), embed in zip(cases, images, strict=False)]
+        same = [answer == want for answer, want in zip(answers, expected, strict=False)]
+        agreement[f"{kind}, image encoded by llama.cpp's mmproj"] = sum(same) / questions
+    return agreement
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
