@@ -82,14 +82,15 @@ class Assistant:
         "llama.cpp": the GGUF file in `gguf`, or exported from the weights once into `gguf_cache`, by
         default the Hub cache's folder; `inference.llamacpp`).
         """
-        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
         if backend == "llama.cpp":
             from inference.llamacpp import GGUF_CACHE, load_llamacpp
 
             loaded = load_llamacpp(weights, gguf, torch.get_num_threads(), gguf_cache or GGUF_CACHE)
-            return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, None, backend)
-        precision = Precision(precision)
-        loaded = load_weights(weights, precision=precision)
+            precision = None
+        else:
+            precision = Precision(precision)
+            loaded = load_weights(weights, precision=precision)
+        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
         return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision, backend)
 
     @property
