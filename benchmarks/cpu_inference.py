@@ -9,9 +9,9 @@ and a 40-token question) and generates 64 greedy tokens:
 
 - original: fp32, LoRA merged, no KV cache (a full forward over the whole sequence per new token)
 - fp32 / bf16 / int8: this project's `load_weights(precision=...)` and KV-cached `generate`
-- llama.cpp-q8_0 / llama.cpp-q4_k_m: the merged language model converted by llama.cpp's own
-  convert_hf_to_gguf.py (--gguf-converter) and run through llama-cpp-python's C API, fed the same
-  token ids and image embeddings (needs llama-cpp-python; left out, and said so, without it)
+- llama.cpp-q8_0 / llama.cpp-q4_k_m: the language model exported by this project's GGUF writer
+  (`inference/gguf_files.py`, LoRA merged) and run through llama-cpp-python's C API, fed the same
+  token ids and image embeddings (the app's llama.cpp backend does the same)
 
 Reported: load time and peak RSS while loading (int8: the whole app, Whisper and TinyCLIP included),
 time to first token, decode tokens/s, the 64-token total, peak RSS while generating, greedy tokens
@@ -21,7 +21,7 @@ that do not read an outlier-carrying token), the winner by the serving rule (the
 at minimum cosine ≥ 0.99), TinyCLIP's encode time, Whisper's time for a 10 s question, and what
 reusing the KV cache saves on a follow-up question. The CPU and its instruction sets are printed.
 
-    python benchmarks/cpu_inference.py --gguf-converter PATH/convert_hf_to_gguf.py   # phi-2: about 35 min
+    python benchmarks/cpu_inference.py            # phi-2: about 35 min
     python benchmarks/cpu_inference.py --small    # a 0.16B model of the same structure, a few minutes
 
 The table is printed and written to benchmarks/RESULTS.md (replacing the previous run of the same mode).
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -348,43 +347,14 @@ def extras(model, loaded, transcriber, ids) -> dict:
 # ---------------------------------------------------------------- llama.cpp
 
 
-def export_llama_cpp(folder: Path, converter: Path, methods: list[str], threads: int) -> None:
-    """The language model with its LoRA merged, as llama.cpp's GGUF: Q8_0 by llama.cpp's own converter, and
-    Q4_K_M quantized by llama.cpp from an F16 conversion (the GGUF issue's exporter will replace theirs)."""
-    import llama_cpp
-    from peft import PeftModel
-    from transformers import AutoTokenizer, PhiForCausalLM
+def export_llama_cpp(folder: Path, methods: list[str]) -> None:
+    """The weights folder's language model, LoRA merged in fp32, as GGUF by this project's exporter
+    (`inference/gguf_files.py`, what the app serves): Q8_0 by the gguf package, Q4_K_M by llama.cpp."""
+    from inference.gguf_files import export
 
-    merged = folder / "merged"
-    model = PhiForCausalLM.from_pretrained(folder / "phi", dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(folder / "weights" / "adapter")).merge_and_unload()
-    model.to(torch.float16).save_pretrained(merged)  # fp16, as microsoft/phi-2 ships
-    AutoTokenizer.from_pretrained(folder / "phi").save_pretrained(merged)
-    del model
-    kinds = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_k_m": "f16"}
     for method in methods:
-        outfile = folder / f"{kinds[method]}.gguf"
-        if not outfile.exists():
-            command = [
-                sys.executable,
-                str(converter),
-                str(merged),
-                "--outtype",
-                kinds[method],
-                "--outfile",
-                str(outfile),
-            ]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{converter} failed:\n{done.stderr[-3000:]}")
-    if "llama.cpp-q4_k_m" in methods:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, threads
-        source, target = str(folder / "f16.gguf").encode(), str(folder / "q4_k_m.gguf").encode()
-        if llama_cpp.llama_model_quantize(source, target, params):
-            raise SystemExit("llama.cpp could not quantize the F16 GGUF to Q4_K_M")
-        (folder / "f16.gguf").unlink()
-    shutil.rmtree(merged)
+        kind = method.removeprefix("llama.cpp-")
+        export(folder / "weights", folder / "gguf" / kind, kind).language_model.rename(folder / f"{kind}.gguf")
 
 
 def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
@@ -532,17 +502,12 @@ def write_results(table: str, size: str, path: Path = RESULTS) -> None:
     path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + table)
 
 
-def llama_cpp_problem(converter: Path | None) -> str | None:
+def llama_cpp_problem() -> str | None:
     """Why llama.cpp cannot be measured here, or None when it can."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return "llama-cpp-python is not installed (pip install -c constraints.txt llama-cpp-python)"
-    if converter is None or not converter.is_file():
-        return (
-            "no --gguf-converter: pass llama.cpp's convert_hf_to_gguf.py (in llama-cpp-python's source "
-            "distribution: pip download --no-binary :all: --no-deps llama-cpp-python, vendor/llama.cpp/)"
-        )
+        return "llama-cpp-python is not installed (pip install -c constraints.txt -r requirements.txt)"
     return None
 
 
@@ -551,8 +516,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="a 0.16B model of phi's structure (about a minute)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all that can run here")
-    parser.add_argument("--gguf-converter", type=Path, default=os.environ.get("GGUF_CONVERTER"),
-                        help="llama.cpp's convert_hf_to_gguf.py (env GGUF_CONVERTER)")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -561,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = run_llama_cpp if args.child in LLAMA_CPP_METHODS else run_method
         print(json.dumps(run(args.child, args.folder, args.threads)))
         return {}
-    problem = llama_cpp_problem(args.gguf_converter)
+    problem = llama_cpp_problem()
     methods = args.methods or list(TORCH_METHODS if problem else METHODS)
     if methods[0] != "original" or "int8" not in methods:
         parser.error("--methods must start with original (the baseline) and include int8 (the served path)")
@@ -582,9 +545,9 @@ def main(argv: list[str] | None = None) -> dict:
             '(the prompt\'s first token and "\\n")'
         )
         if set(methods) & set(LLAMA_CPP_METHODS):
-            print("exporting GGUF with llama.cpp's converter ...", flush=True)
+            print("exporting GGUF (training.export_gguf's writer) ...", flush=True)
             start = time.perf_counter()
-            export_llama_cpp(folder, args.gguf_converter, [m for m in methods if m in LLAMA_CPP_METHODS], args.threads)
+            export_llama_cpp(folder, [m for m in methods if m in LLAMA_CPP_METHODS])
             notes["lines"].append(f"GGUF export (merge, convert, quantize): {time.perf_counter() - start:.0f} s.")
         os.sync()  # the checkpoint's gigabytes are written back now, not during a measurement
         bandwidth = bandwidth_gb_s(args.threads)

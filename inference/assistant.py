@@ -21,13 +21,13 @@ from transformers import TextIteratorStreamer
 from inference.config import GenerationOptions, Manifest
 from inference.loading import load_weights
 from inference.model import MultimodalPhi, PrefixCache
-
-if TYPE_CHECKING:
-    from inference.llamacpp import LlamaCppModel
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
 from inference.vision import ImageError, load_image, pixel_values, to_rgb
+
+if TYPE_CHECKING:
+    from inference.llamacpp import LlamaCppModel
 
 MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
 IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
