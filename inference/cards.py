@@ -96,9 +96,9 @@ def gguf_card(manifest: Manifest, language_model: str, mmproj: str | None) -> st
         run = [
             "## Run it",
             "",
-            "Checked here: llama.cpp (through llama-cpp-python) loads both files and answers image questions as "
-            "PyTorch does (this project's tests). Written from llama.cpp's and ollama's documentation and not run "
-            "here: the commands below.",
+            "Checked by this project's tests, in llama.cpp through llama-cpp-python: the language model answers as "
+            "PyTorch does, and the mmproj computes llama.cpp's LLaVA graph on these weights (but see the note "
+            "below). Written from llama.cpp's and ollama's documentation and not run here: the commands below.",
             "",
             "```bash",
             f"llama-mtmd-cli -m {language_model} --mmproj {mmproj} --image photo.jpg -p 'What is in this picture?'",
