@@ -146,6 +146,10 @@ class LlamaCppVision:
             raise RuntimeError(f"llama.cpp could not load {mmproj}")
         self.width = language_model.width
 
+    def __del__(self) -> None:
+        if getattr(self, "context", None):
+            self.mtmd.mtmd_free(self.context)
+
     def encode(self, image: Image.Image) -> np.ndarray:
         """(image positions, width) float32: the rows llama.cpp decodes in place of the image."""
         mtmd = self.mtmd
