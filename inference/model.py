@@ -170,6 +170,33 @@ class MultimodalPhi(nn.Module):
             prefixes.put([*input_ids, *tokens], image_key, output.cache)
         return tokens
 
+    @torch.no_grad()
+    def generate_batch(
+        self, input_ids: Sequence[Sequence[int]], image_embeds: torch.Tensor | None, max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy answers to a batch of prompts (evaluation); each ends before its EOS.
+
+        The prompts are left-padded, as generation needs every row's last position at the same index;
+        the position ids follow the attention mask, so each row computes what it would alone.
+        """
+        inputs = self.build_inputs(input_ids, image_embeds)
+        embeds, mask = inputs.inputs_embeds, inputs.attention_mask
+        for row, length in enumerate(len(ids) for ids in input_ids):  # right padding → left padding
+            embeds[row] = embeds[row].roll(embeds.shape[1] - length, dims=0)
+            mask[row] = mask[row].roll(mask.shape[1] - length)
+        output = self.language_model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.eos_token_id,
+        )
+        answers = []
+        for tokens in output.tolist():
+            answers.append(tokens[: tokens.index(self.eos_token_id)] if self.eos_token_id in tokens else tokens)
+        return answers
+
 
 class PrefixCache:
     """KV caches of the last few generations, reusable by a prompt that starts the same way.
