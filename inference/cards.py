@@ -18,7 +18,8 @@ from inference.config import Manifest
 from inference.prompt import PHI2_SYSTEM
 
 # The run summary's entries shown in a card's results table, when present.
-SUMMARY_METRICS = ("steps", "final_train_loss", "final_eval_loss", "train_loss", "eval_loss", "seconds")
+SUMMARY_METRICS = ("steps", "final_train_loss", "final_eval_loss", "train_loss", "eval_loss", "seconds",
+                   "held_out_loss", "exact_match", "contains_match", "pope_f1")  # fmt: skip
 MULTIMODAL_TAGS = ("llava", "multimodal", "phi-2", "tinyclip", "vision-language")
 
 

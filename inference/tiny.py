@@ -120,7 +120,7 @@ def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
     # CLIP's random init gives position embeddings 1/50 of the patch content's scale (std 0.02 against
     # about 1), so a random tower barely knows where a patch is; a pretrained ViT does. At half the
     # content's scale the stand-in's features carry position without drowning what the patch shows
-    # (much larger drowned the shapes, much smaller lost the positions, in the speedrun's answers).
+    # (much larger drowned the shapes, much smaller lost the positions, in the tiny recipe's answers).
     with torch.no_grad():
         model.embeddings.position_embedding.weight.normal_(std=0.5)
     model.save_pretrained(folder)

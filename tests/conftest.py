@@ -19,6 +19,7 @@ from inference.assistant import Assistant
 from inference.loading import load_weights
 from inference.speech import Transcriber
 from tests import kit
+from training.shapes import build_bpe_tokenizer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -30,7 +31,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
-    return kit.build_bpe_tokenizer()
+    return build_bpe_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""The offline test kit: a tokenizer trained in place, pretrained tiny models, images and speech.
+"""The offline test kit: images, speech, a served app, killed runs and reference decoding.
 
 The tiny random models themselves (phi, CLIP, whisper, GPT-2's tokenizer, weights folders) are built
-by `inference.tiny`, which `app.py --demo` uses too. Used by tests/conftest.py and the speedrun.
+by `inference.tiny`, which `app.py --demo` uses too; the tokenizer trained in place and the tiny Phi
+that knows some text by `training.shapes`, which the tiny training recipe uses too.
 """
 
 from __future__ import annotations
@@ -21,68 +22,15 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PhiForCausalLM, PreTrainedTokenizerFast
 
 from inference.config import TemplateName
-from inference.prompt import PHI2_SYSTEM, Conversation, Turn, render
+from inference.prompt import Conversation, Turn, render
 from inference.shapes import PHI2
-from inference.tiny import EOS, wrap_tokenizer
 from inference.vision import preprocess
 from training.checkpoint import CRASH_AT
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Words the tiny BPE learns from: the template's own text and the vocabulary of the tests' questions.
-CORPUS = [
-    PHI2_SYSTEM,
-    "USER: ASSISTANT: What is in this picture? Describe the image. What colour is the shape?",
-    "A red circle on the left. A blue square on the right. A green triangle in the middle.",
-    "Is the shape on the left or the right? How many shapes are there? There is one shape.",
-]
-
-
-def build_bpe_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE trained in place, with `<|endoftext|>` as its one special token."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer)
-    return wrap_tokenizer(tokenizer)
-
-
-def pretrain_tiny_phi(source: Path, folder: Path, texts: list[str], steps: int = 200, seed: int = 0) -> Path:
-    """A copy of a tiny Phi trained on `texts` (each ending in end-of-text), standing in for a pretrained LM.
-
-    Stages that freeze the language model need one that already knows the language of their data, as
-    phi-2 does; a random one cannot be steered by image embeddings.
-    """
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = PhiForCausalLM.from_pretrained(source)
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    length = max(map(len, encoded))
-    ids = torch.tensor([row + [tokenizer.eos_token_id] * (length - len(row)) for row in encoded])
-    labels = torch.tensor([row + [-100] * (length - len(row)) for row in encoded])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def with_phi2_dropout(source: Path, folder: Path) -> Path:

@@ -1,6 +1,6 @@
 """The GGUF export, checked by llama.cpp itself, and the app's llama.cpp backend.
 
-The greedy-answer agreement on a trained model is measured after the speedrun's training
+The greedy-answer agreement on a trained model is measured after the tiny recipe's training
 (tests/test_pipeline_learns.py); here the tiny random models check the layout, every tensor and the plumbing.
 """
 

@@ -13,7 +13,8 @@ from inference.config import GenerationOptions
 from inference.loading import load_weights
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.standins import plant_outliers
-from tests.kit import CORPUS, make_shape_image, pixels, pretrain_tiny_phi, prompt_ids
+from tests.kit import make_shape_image, pixels, prompt_ids
+from training.shapes import CORPUS, warm_up_language_model
 
 QUESTIONS = ["What is in this picture?", "What colour is the shape?", "Is the shape on the left or the right?"]
 TOKENS = 24
@@ -23,7 +24,7 @@ TOKENS = 24
 def trained_weights(phi_dir, clip_dir, tmp_path_factory):
     """Weights over a tiny Phi that has learnt some text, so its greedy choices are not coin flips."""
     folder = tmp_path_factory.mktemp("precision")
-    language_model = pretrain_tiny_phi(phi_dir, folder / "phi", CORPUS, steps=150)
+    language_model = warm_up_language_model(phi_dir, folder / "phi", CORPUS, steps=150)
     return tiny.build_weights_folder(folder / "weights", language_model, clip_dir, adapter=False)
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 
-from training.prepare_coco import download
+from training.downloads import download
 
 PAYLOAD = bytes(range(256)) * 12_000  # 3 MB
 

@@ -21,11 +21,12 @@ from inference import Assistant, GenerationOptions, Manifest, TemplateName, tiny
 from inference.cli import UsageError
 from inference.precision import Precision
 from inference.vision import VisionTower, load_image, preprocess
-from tests.kit import free_port, make_shape_image, pretrain_tiny_phi, run_killed, with_phi2_dropout
+from tests.kit import free_port, make_shape_image, run_killed, with_phi2_dropout
 from training import cache_features, prepare_coco, publish, stage1_align
 from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, trainable_checksum
 from training.data import Collator, load_examples
 from training.feature_cache import FeatureCache, FeatureCacheError, open_cache
+from training.shapes import warm_up_language_model
 from training.stage1_align import Stage1Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def caption_lm(phi_dir, tmp_path_factory) -> Path:
     texts = [
         f"{colour} {side}: {caption}" for colour in COLOURS for side in SIDES for caption in captions(colour, side)
     ]
-    return pretrain_tiny_phi(phi_dir, tmp_path_factory.mktemp("caption-lm"), texts, steps=600)
+    return warm_up_language_model(phi_dir, tmp_path_factory.mktemp("caption-lm"), texts, steps=600)
 
 
 @pytest.fixture(scope="module")

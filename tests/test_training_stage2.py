@@ -16,10 +16,11 @@ from inference import Assistant, GenerationOptions, Manifest, TemplateName
 from inference.precision import Precision
 from inference.prompt import IGNORE_INDEX
 from inference.tiny import build_weights_folder
-from tests.kit import make_shape_image, pixels, pretrain_tiny_phi, prompt_ids, run_killed, with_phi2_dropout
+from tests.kit import make_shape_image, pixels, prompt_ids, run_killed, with_phi2_dropout
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
 from training.data import Collator, load_examples
 from training.optim import resolve_precision
+from training.shapes import warm_up_language_model
 from training.stage2_instruct import Stage2Config
 
 COLOURS = ["red", "green", "blue"]
@@ -72,7 +73,7 @@ def chat_lm(phi_dir, tmp_path_factory) -> Path:
         for side in ("left", "right")
         for question, answer in QUESTIONS
     ]
-    return pretrain_tiny_phi(phi_dir, tmp_path_factory.mktemp("chat-lm"), texts, steps=400)
+    return warm_up_language_model(phi_dir, tmp_path_factory.mktemp("chat-lm"), texts, steps=400)
 
 
 @pytest.fixture(scope="module")

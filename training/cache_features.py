@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from inference.cli import ArgumentParser, command
 from inference.config import TINYCLIP_ID
 from inference.vision import VisionTower, load_image, preprocess
-from training.data import read_json_list
+from training.data import images_of
 from training.feature_cache import (
     done_shards,
     image_stamp,
@@ -48,15 +48,6 @@ class _Images(Dataset):
             return preprocess([load_image(self.folder / self.images[index])], self.size)[0], None
         except Exception as error:  # PIL raises many types for broken files
             return None, f"{type(error).__name__}: {error}"
-
-
-def images_of(data_files: list[Path]) -> list[str]:
-    images = set()
-    for path in data_files:
-        images.update(
-            record["image"] for record in read_json_list(path) if isinstance(record, dict) and record.get("image")
-        )
-    return sorted(images)
 
 
 @torch.no_grad()

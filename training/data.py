@@ -65,6 +65,16 @@ def read_json_list(path: str | Path) -> list:
     return records
 
 
+def images_of(data_files: list[Path]) -> list[str]:
+    """Every image the data files name, once, sorted."""
+    images = set()
+    for path in data_files:
+        images.update(
+            record["image"] for record in read_json_list(path) if isinstance(record, dict) and record.get("image")
+        )
+    return sorted(images)
+
+
 def drop_failed_images(examples: list[Example], cache: FeatureCache) -> tuple[list[Example], int]:
     """Leave out examples whose image the cache could not read; refuse images the cache never saw."""
     kept = [example for example in examples if example.image not in cache.failed]

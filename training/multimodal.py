@@ -21,6 +21,11 @@ from inference.prompt import Conversation, Turn
 from training.data import Collator, Example
 from training.trainer import SAMPLE_TOKENS, Stage, to_device
 
+# The data sets named on the cards: COCO 2017 captions as the Hub hosts them (stage 1 itself reads the
+# official zips: prepare_coco) and LLaVA-Instruct-150K (stage 2).
+COCO_DATASETS = ("lmms-lab/COCO-Caption2017",)
+INSTRUCT_DATASETS = ("liuhaotian/LLaVA-Instruct-150K",)
+
 
 def count_positions(batch: dict[str, Any]) -> int:
     """Positions the language model processes for a batch: every token and image patch position."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -65,3 +66,26 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
     set_seed(config.seed)
     return accelerator
+
+
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched against the words of the
+# device name, first match wins (so "H100 PCIe" before "H100"). Other GPUs: pass --peak-tflops.
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """A known GPU's dense bf16/fp16 peak in TFLOP/s, from its device name; None if unknown."""
+    words = set(re.split(r"[^A-Za-z0-9]+", device_name))
+    return next((tflops for model, tflops in GPU_PEAK_TFLOPS if set(model.split()) <= words), None)

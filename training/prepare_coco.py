@@ -11,10 +11,7 @@ missing or cannot be opened are counted, reported and left out; the run never st
 
 from __future__ import annotations
 
-import hashlib
 import json
-import urllib.error
-import urllib.request
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -25,6 +22,7 @@ from inference.cli import ArgumentParser, UsageError, command
 from inference.config import atomic_write_text
 from inference.prompt import IMAGE_MARKER
 from inference.vision import image_problem
+from training.downloads import download
 
 # The official COCO 2017 archives and their published MD5 sums.
 COCO_FILES = {
@@ -35,59 +33,6 @@ COCO_FILES = {
     "val2017.zip": ("http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80"),
     "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2"),
 }
-CHUNK = 1 << 20  # 1 MiB per read while downloading and hashing
-HTTP_RANGE_NOT_SATISFIABLE = 416  # the server's answer to a range that starts at or after the file's end
-
-
-def md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url: str, path: Path, expected_md5: str, retries: int = 3) -> Path:
-    """Fetch `url` to `path`, continuing a partial `.part` file with an HTTP Range request, then check MD5."""
-    if path.exists() and md5(path) == expected_md5:
-        return path
-    part = path.with_name(path.name + ".part")
-    for attempt in range(1, retries + 1):
-        try:
-            _fetch(url, part)
-            break
-        except OSError as error:
-            if attempt == retries:
-                raise OSError(f"downloading {url} failed after {retries} tries ({error}); rerun to continue") from error
-            tqdm.write(f"{path.name}: {error}; retrying ({attempt}/{retries})")
-    actual = md5(part)
-    if actual != expected_md5:
-        part.unlink()
-        raise OSError(f"{path.name}: MD5 {actual} differs from the published {expected_md5}; the file was deleted")
-    part.rename(path)
-    return path
-
-
-def _fetch(url: str, part: Path) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        opened = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as error:
-        if have and error.code == HTTP_RANGE_NOT_SATISFIABLE:
-            return  # nothing after the bytes we have: the .part is whole (a run was killed while checking it)
-        raise
-    with opened as response:
-        if have and response.status != 206:  # the server ignored the range: start again
-            have = 0
-        total = int(response.headers.get("Content-Length", 0)) + have
-        with (
-            open(part, "ab" if have else "wb") as file,
-            tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem) as bar,
-        ):
-            while chunk := response.read(CHUNK):
-                file.write(chunk)
-                bar.update(len(chunk))
 
 
 def download_coco(coco_dir: Path) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -48,7 +47,7 @@ from inference.shapes import PHI15, PHI_SMALL
 from training.config import TrainConfig, option, parse_config
 from training.corpus import TokenWindows, load_corpus, open_tokenizer
 from training.data import DataError
-from training.optim import make_accelerator, resolve_precision
+from training.optim import gpu_peak_tflops, make_accelerator, resolve_precision
 from training.run_log import throughput
 from training.trainer import SAMPLE_TOKENS, Stage, Trainer
 
@@ -62,21 +61,6 @@ SIZES = {  # phi-1.5's structure (width, MLP, layers, heads) at smaller sizes; v
     "tiny": replace(PHI15, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
 PROMPT_TOKENS = 32  # held-out tokens each sample generation continues
-# Dense bf16/fp16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched against the words of the
-# device name, first match wins (so "H100 PCIe" before "H100"). Other GPUs: pass --peak-tflops.
-GPU_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("V100", 125.0),
-    ("T4", 65.0),
-)
 
 
 @dataclass
@@ -194,11 +178,8 @@ def peak_flops(device: torch.device, precision: str, peak_tflops: float = 0.0) -
         return peak_tflops * 1e12
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
         return None
-    words = set(re.split(r"[^A-Za-z0-9]+", torch.cuda.get_device_name(device)))
-    for model_name, tflops in GPU_PEAK_TFLOPS:
-        if set(model_name.split()) <= words:
-            return tflops * 1e12
-    return None
+    tflops = gpu_peak_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def collate(windows: list[np.ndarray]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from inference.model import MultimodalPhi
 from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
-from training.multimodal import multimodal_stage
+from training.multimodal import COCO_DATASETS, multimodal_stage
 from training.optim import make_accelerator, precision_dtype, resolve_precision
 from training.trainer import Trainer
 
@@ -41,10 +41,6 @@ class Stage1Config(ImageTextConfig):
     projector: Literal["mlp2x_gelu", "linear"] = option("mlp2x_gelu", "projector architecture")
     max_length: int = option(128, "position limit per caption (the image counts as its 49 patch positions)")
     name: str = option("stage1-projector", "name recorded in the weights manifest")
-
-
-# COCO 2017 captions as the Hub hosts them (the run itself reads the official zips: prepare_coco).
-COCO_DATASETS = ("lmms-lab/COCO-Caption2017",)
 
 
 def build(config: Stage1Config, precision: str) -> tuple[MultimodalPhi, Any, Manifest]:

@@ -33,12 +33,11 @@ from inference.model import MultimodalPhi
 from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
-from training.multimodal import multimodal_stage
+from training.multimodal import INSTRUCT_DATASETS, multimodal_stage
 from training.optim import make_accelerator, precision_dtype, resolve_precision
 from training.trainer import Trainer
 
 MODULE = "training.stage2_instruct"
-INSTRUCT_DATASETS = ("liuhaotian/LLaVA-Instruct-150K",)
 PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # attention and MLP linears
 
 

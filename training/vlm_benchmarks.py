@@ -89,8 +89,9 @@ def read_benchmark(
 def coco_image(folder: Path, image_id: int, name: str = "") -> Path:
     """A COCO image by id: under its own (val2014) name, or as the COCO 2017 file of the same id."""
     candidates = [folder / name, folder / "val2014" / name] if name else []
-    new_name = f"{image_id:012d}.jpg"
-    candidates += [folder / new_name, folder / "val2017" / new_name, folder / "train2017" / new_name]
+    for suffix in (".jpg", ".png"):  # COCO's are JPEG; the tiny recipe's synthetic images are PNG
+        new_name = f"{image_id:012d}{suffix}"
+        candidates += [folder / new_name, folder / "val2017" / new_name, folder / "train2017" / new_name]
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 

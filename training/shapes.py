@@ -1,9 +1,15 @@
-"""A small synthetic image–text data set in the formats the real stages read (test support, not shipped).
+"""Synthetic shapes: the tiny recipe's data and stand-in models, in the formats the real stages read.
 
 Images of one shape (circle, square, triangle) in one colour, size and position on a varied background.
 Stage 1 gets COCO-format caption files (read by training.prepare_coco); stage 2 gets LLaVA-style
 question–answer conversations with bare image names (read by training.prepare_instruct), as
-LLaVA-Instruct ships them. Train and held-out images never overlap.
+LLaVA-Instruct ships them; evaluation gets POPE-format yes/no questions. Train and held-out images
+never overlap. `training.refresh --recipe training/recipes/tiny.yaml` runs every stage on them on a
+CPU; the tests use the same data and stand-ins.
+
+phi-2 arrives pretrained, able to read its context; a tiny random Phi cannot be steered by image
+embeddings, so the tiny recipe first teaches it the data's language from text alone
+(`warm_up_language_model` on `language_texts`), with a byte-level BPE trained in place (`build_bpe_tokenizer`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PhiForCausalLM, PreTrainedTokenizerFast
+
+from inference.prompt import PHI2_SYSTEM
+from inference.tiny import EOS, wrap_tokenizer
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220)}
@@ -73,6 +85,11 @@ def scenes(count: int, rng: random.Random) -> list[Scene]:
     return chosen
 
 
+def all_scenes() -> list[Scene]:
+    """Every shape, colour and side once: what `language_texts` teaches the stand-in language model."""
+    return [Scene(shape, colour, side) for shape in SHAPES for colour in COLOURS for side in SIDES]
+
+
 def conversation(scene: Scene, image: str, record_id: str, rng: random.Random) -> dict:
     kinds = list(QUESTIONS)
     rng.shuffle(kinds)
@@ -119,3 +136,74 @@ def language_texts(train: list[Scene]) -> list[str]:
         for question, answer in QUESTIONS.values():
             texts.add(f"{scene.description} USER: {question} ASSISTANT: {answer(scene)}")
     return sorted(texts)
+
+
+# Words the tiny BPE learns from: the template's own text and the vocabulary of the tests' questions.
+CORPUS = [
+    PHI2_SYSTEM,
+    "USER: ASSISTANT: What is in this picture? Describe the image. What colour is the shape?",
+    "A red circle on the left. A blue square on the right. A green triangle in the middle.",
+    "Is the shape on the left or the right? How many shapes are there? There is one shape.",
+]
+
+
+def build_bpe_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE trained in place, with `<|endoftext|>` as its one special token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    return wrap_tokenizer(tokenizer)
+
+
+def warm_up_language_model(source: Path, folder: Path, texts: list[str], steps: int = 200, seed: int = 0) -> Path:
+    """A copy of a tiny Phi trained on `texts` (each ending in end-of-text), standing in for a pretrained LM.
+
+    Stages that freeze the language model need one that already knows the language of their data, as
+    phi-2 does; a random one cannot be steered by image embeddings.
+    """
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = PhiForCausalLM.from_pretrained(source)
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    length = max(map(len, encoded))
+    ids = torch.tensor([row + [tokenizer.eos_token_id] * (length - len(row)) for row in encoded])
+    labels = torch.tensor([row + [-100] * (length - len(row)) for row in encoded])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def pope_questions(root: Path, held_out: list[Scene], seed: int = 0) -> Path:
+    """POPE's format for the held-out images: one "Is there a {shape} in the image?" per image, asked of
+    its own shape ("yes") or another ("no") in turn; the file named as POPE names its random split."""
+    rng = random.Random(seed)
+    lines = []
+    for number, scene in enumerate(held_out):
+        asked = scene.shape if number % 2 == 0 else rng.choice([s for s in SHAPES if s != scene.shape])
+        name = f"COCO_val2014_{100_000 + number:012d}.jpg"  # found by id among the COCO 2017 files
+        lines.append(
+            {
+                "question_id": number + 1,
+                "image": name,
+                "text": f"Is there a {asked} in the image?",
+                "label": "yes" if asked == scene.shape else "no",
+            }
+        )
+    path = root / "pope" / "coco_pope_random.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
