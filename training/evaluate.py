@@ -15,6 +15,7 @@ answer is short (--short-answer-words) is asked through `Assistant.chat`, the ap
 conversation's earlier reference turns as history; the answer counts as an exact match when it equals
 the reference after normalisation (case, punctuation, articles, spaces) and as a contains-match when
 the normalised reference appears in it. Prints a table and writes every answer to --out as JSON.
+Both modes run the weights with the LoRA merged, in bf16 on the GPU when there is one, else in fp32.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from inference.assistant import Assistant
 from inference.cli import ArgumentParser, command
 from inference.config import GenerationOptions, atomic_write_text
 from inference.loading import LoadedWeights, load_weights
-from inference.precision import Precision
 from inference.prompt import Conversation, Turn, render
 from inference.vision import ImageError, load_image, pixel_values, to_rgb
 from training.data import Collator, DataError, Example, load_examples
@@ -111,7 +111,9 @@ def evaluate(
     max_new_tokens: int = 32,
     assistant: Assistant | None = None,
 ) -> dict[str, Any]:
-    assistant = assistant or Assistant.from_weights(weights, whisper_model=None, precision=Precision.FP32)
+    if assistant is None:
+        loaded = load_for_evaluation(weights)
+        assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
     examples, malformed = load_examples(data)
     examples = [example for example in examples if example.image is not None]
     if limit:

@@ -135,7 +135,7 @@ def pretrain_estimate(work: Work) -> tuple[float | None, float | None, float]:
     tokens = fields.get("max_steps", 0) * fields.get("global_batch_size", 4) * fields.get("block_size", 2048)
     parameters = 1.4e9 if fields.get("size", "phi-1.5") == "phi-1.5" else 1e7
     peak = (work.gpus.tflops or 312.0) * 1e12 * max(1, work.gpus.count) * PRETRAIN_MFU
-    return 6 * parameters * tokens / peak, 30.0 if parameters > 1e9 else None, 25.0 if parameters > 1e9 else 0.01
+    return 6 * parameters * tokens / peak, 30.0 if parameters > 1e9 else None, 15.0 if parameters > 1e9 else 0.01
 
 
 def free_disk_gb(path: Path) -> float:
@@ -166,6 +166,8 @@ def plan(work: Work, listed: list[Stage]) -> tuple[str, float]:
         lines.append(f"| {stage.name} | {stage.what} | {state} | {time_text} | {memory_text} | {disk:g} GB |")
     free = free_disk_gb(work.root)
     lines.append(f"\nDisk: the stages to run need about {needed:.1f} GB; {free:.1f} GB free at {work.root}.")
+    if not work.gpus.count and not work.shapes:
+        lines.append("No GPU here: the times are the recipe's for one A100; this recipe needs a GPU machine.")
     return "\n".join(lines), needed
 
 
