@@ -122,8 +122,10 @@ def estimate(work: Work, stage: str) -> tuple[float | None, float | None, float]
         seconds = per_second(questions, "evaluate_questions_per_s")
     elif stage == "pretrain":
         seconds, memory, disk = pretrain_estimate(work)
-    else:  # merging, exporting, pushing: minutes on the CPU and the network
-        seconds = 120.0 if stage != "push" else sum(rates.get("disk_gb", {}).values()) * 1000 / 20
+    elif stage == "push":  # at about 20 MB/s
+        seconds = sum(rates.get("disk_gb", {}).values()) * 1000 / 20
+    else:  # merging and exporting, on the CPU: minutes at phi-2's size
+        seconds = 5.0 if work.shapes else 120.0
     return seconds, memory, disk
 
 
