@@ -166,3 +166,17 @@ def test_several_gpus_launch_the_training_stages_with_accelerate(smoke, monkeypa
     config = parse_config(Stage1Config, command[6:])
     assert config.output_dir == str(work_dir / "stage1") and config.global_batch_size == 8  # 4 per GPU
     assert summary["steps"] == 4
+
+
+def test_pope_files_are_fetched_once(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    for split in refresh_stages.POPE_SPLITS:
+        line = {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat?", "label": "no"}
+        (served / f"coco_pope_{split}.json").write_text(json.dumps(line) + "\n")
+    monkeypatch.setattr(refresh_stages, "POPE_URL", served.as_uri() + "/")
+    refresh_stages.fetch_pope(tmp_path / "pope")
+    fetched = sorted(path.name for path in (tmp_path / "pope").iterdir())
+    assert fetched == ["coco_pope_adversarial.json", "coco_pope_popular.json", "coco_pope_random.json"]
+    (served / "coco_pope_random.json").unlink()
+    refresh_stages.fetch_pope(tmp_path / "pope")  # present files are not fetched again

@@ -49,6 +49,8 @@ LLAVA_INSTRUCT = ("liuhaotian/LLaVA-Instruct-150K", "llava_instruct_150k.json")
 # POPE's COCO question files, at the commit of the POPE repository they were last changed in.
 POPE_URL = "https://raw.githubusercontent.com/AoiDragon/POPE/7ef3026faa9a89ed11fd508385fad652fdc6349f/output/coco/"
 POPE_SPLITS = ("random", "popular", "adversarial")
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
@@ -97,11 +99,7 @@ def split_instructions(work: Work) -> dict[str, Path]:
 def fetch_pope(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in POPE_SPLITS:
-        target = folder / f"coco_pope_{split}.json"
-        if not target.is_file():
-            part = target.with_name(target.name + ".part")
-            download_file(POPE_URL + target.name, target)
-            part.rename(target)
+        download_file(f"{POPE_URL}coco_pope_{split}.json", folder / f"coco_pope_{split}.json")
 
 
 def data_done(work: Work) -> bool:
@@ -143,7 +141,6 @@ def run_models(work: Work) -> dict[str, Any]:
 
 def random_real_shapes(work: Work) -> dict[str, Any]:
     """--smoke on a real recipe: random phi-2 (GPT-2's vocabulary, built offline) and TinyCLIP of the real shapes."""
-    import torch
     from transformers import CLIPVisionModel, PhiForCausalLM
 
     from inference import tiny
