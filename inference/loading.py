@@ -126,6 +126,13 @@ def load_weights(
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
 
 
+def load_for_evaluation(folder: str | Path) -> LoadedWeights:
+    """The weights with the LoRA merged, for evaluation: bf16 on a GPU, fp32 (the reference) on the CPU."""
+    if torch.cuda.is_available():
+        return load_weights(folder, dtype=torch.bfloat16, device="cuda")
+    return load_weights(folder, dtype=torch.float32)
+
+
 def merge_adapter(language_model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
     """The peft adapter in `adapter` merged into `language_model`, once every one of its tensors was placed.
 

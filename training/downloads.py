@@ -21,9 +21,13 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, path: Path, expected_md5: str, retries: int = 3) -> Path:
-    """Fetch `url` to `path`, continuing a partial `.part` file with an HTTP Range request, then check MD5."""
-    if path.exists() and md5(path) == expected_md5:
+def download(url: str, path: Path, expected_md5: str | None = None, retries: int = 3) -> Path:
+    """Fetch `url` to `path`, continuing a partial `.part` file with an HTTP Range request, then check MD5.
+
+    Without a published checksum a file already at `path` is kept and a fetched one is not checked here
+    (its reader checks the content).
+    """
+    if path.exists() and (expected_md5 is None or md5(path) == expected_md5):
         return path
     part = path.with_name(path.name + ".part")
     for attempt in range(1, retries + 1):
@@ -34,7 +38,7 @@ def download(url: str, path: Path, expected_md5: str, retries: int = 3) -> Path:
             if attempt == retries:
                 raise OSError(f"downloading {url} failed after {retries} tries ({error}); rerun to continue") from error
             tqdm.write(f"{path.name}: {error}; retrying ({attempt}/{retries})")
-    actual = md5(part)
+    actual = md5(part) if expected_md5 is not None else None
     if actual != expected_md5:
         part.unlink()
         raise OSError(f"{path.name}: MD5 {actual} differs from the published {expected_md5}; the file was deleted")
@@ -62,13 +66,3 @@ def fetch(url: str, part: Path) -> None:
             while chunk := response.read(CHUNK):
                 file.write(chunk)
                 bar.update(len(chunk))
-
-
-def download_file(url: str, path: Path) -> Path:
-    """Fetch `url` to `path` unless it is there (no published checksum: the reader checks the content)."""
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + ".part")
-        fetch(url, part)
-        part.rename(path)
-    return path

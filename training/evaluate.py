@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from inference.assistant import Assistant
 from inference.cli import ArgumentParser, command
 from inference.config import GenerationOptions, atomic_write_text
-from inference.loading import LoadedWeights, load_weights
+from inference.loading import LoadedWeights, load_for_evaluation
 from inference.prompt import Conversation, Turn, render
 from inference.vision import ImageError, load_image, pixel_values, to_rgb
 from training.data import Collator, DataError, Example, load_examples
@@ -148,13 +148,6 @@ NOTES = {
     "textvqa": "asked without OCR tokens in the prompt",
     "mmbench": "letters read by rules, without the GPT matcher of MMBench's server",
 }
-
-
-def load_for_evaluation(weights: str | Path) -> LoadedWeights:
-    """The weights with the LoRA merged: bf16 on a GPU, fp32 on the CPU (the reference precision)."""
-    if torch.cuda.is_available():
-        return load_weights(weights, dtype=torch.bfloat16, device="cuda")
-    return load_weights(weights, dtype=torch.float32)
 
 
 def _image(question: Question):

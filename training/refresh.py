@@ -146,17 +146,17 @@ def free_disk_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / 1e9
 
 
-def plan(work: Work, listed: list[Stage]) -> tuple[str, float]:
-    """The plan table, and the disk the stages still to run need (GB)."""
+def plan(work: Work, listed: list[Stage]) -> tuple[str, float, dict[str, bool]]:
+    """The plan table, the disk the stages still to run need (GB), and which stages are complete."""
     lines = [
         f"Plan for {work.recipe.name} ({work.recipe.path}) on {work.gpus.describe()}; work folder {work.root}",
         "| stage | what | state | time | GPU memory | disk |",
         "|---|---|---|---|---|---|",
     ]
-    needed = 0.0
+    needed, complete = 0.0, {}
     for stage in listed:
         record = read_record(work, stage.name)
-        done = stage.done(work)
+        done = complete[stage.name] = stage.done(work)
         seconds, memory, disk = estimate(work, stage.name)
         if record and record.get("seconds") is not None:
             time_text = f"{duration(record['seconds'])} (measured here)"
@@ -170,7 +170,7 @@ def plan(work: Work, listed: list[Stage]) -> tuple[str, float]:
     lines.append(f"\nDisk: the stages to run need about {needed:.1f} GB; {free:.1f} GB free at {work.root}.")
     if not work.gpus.count and not work.shapes:
         lines.append("No GPU here: the times are the recipe's for one A100; this recipe needs a GPU machine.")
-    return "\n".join(lines), needed
+    return "\n".join(lines), needed, complete
 
 
 def duration(seconds: float) -> str:
@@ -187,7 +187,10 @@ def read_record(work: Work, name: str) -> dict[str, Any] | None:
         return None
 
 
-def run_stages(work: Work, listed: list[Stage], start: str | None, only: str | None) -> list[dict[str, Any]]:
+def run_stages(
+    work: Work, listed: list[Stage], complete: dict[str, bool], start: str | None, only: str | None
+) -> list[dict[str, Any]]:
+    """Run what is not complete (`complete`: each stage's check, made by `plan` before anything ran)."""
     names = [stage.name for stage in listed]
     for chosen in (start, only):
         if chosen and chosen not in names:
@@ -199,7 +202,8 @@ def run_stages(work: Work, listed: list[Stage], start: str | None, only: str | N
             continue
         # A stage after one that ran is run again: its inputs changed.
         forced = stage.name == only or (start is not None and index >= names.index(start)) or ran
-        if not forced and stage.done(work):
+        # Until a stage runs nothing changes, so the checks made for the plan still hold.
+        if not forced and complete[stage.name]:
             record = read_record(work, stage.name) or {}
             work.metrics[stage.name] = record.get("metrics", {})
             rows.append({"stage": stage.name, "status": "complete: skipped", **record})
@@ -336,14 +340,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.space_weights,
     )
     listed = stage_list(args.with_pretrain, bool(args.push_to_hub))
-    table, needed = plan(work, listed)
+    table, needed, complete = plan(work, listed)
     print(table)
     if args.plan:
         return {"plan": table, "disk_needed_gb": needed}
     if needed > free_disk_gb(work.root):
         raise UsageError(f"the stages to run need about {needed:.0f} GB; {free_disk_gb(work.root):.0f} GB is free")
     work.root.mkdir(parents=True, exist_ok=True)
-    rows = run_stages(work, listed, args.start, args.only)
+    rows = run_stages(work, listed, complete, args.start, args.only)
     print("\n" + summary_table(rows))
     report = write_report(work, rows, list(sys.argv[1:] if argv is None else argv))
     print(f"\nreport: {report}")

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 import yaml
 
+from inference.assistant import Assistant
 from inference.cards import weights_card
 from inference.cli import UsageError
 from inference.config import Manifest, ManifestError
 from inference.gguf_files import export
-from inference.loading import replace_folder
+from inference.loading import load_for_evaluation, replace_folder
 from training import (
     cache_features,
     evaluate,
@@ -39,13 +40,13 @@ from training import (
 from training.checkpoint import CHECKPOINT
 from training.corpus import META as CORPUS_META
 from training.data import images_of, read_json_list
-from training.downloads import download_file
+from training.downloads import download
 from training.multimodal import COCO_DATASETS, INSTRUCT_DATASETS
 from training.publish import push_folder
 from training.recipe import PretrainRecipe
 from training.refresh_work import Work
 
-LLAVA_INSTRUCT = ("liuhaotian/LLaVA-Instruct-150K", "llava_instruct_150k.json")
+LLAVA_INSTRUCT_FILE = "llava_instruct_150k.json"  # in the Hub data set INSTRUCT_DATASETS[0]
 # POPE's COCO question files, at the commit of the POPE repository they were last changed in.
 POPE_URL = "https://raw.githubusercontent.com/AoiDragon/POPE/7ef3026faa9a89ed11fd508385fad652fdc6349f/output/coco/"
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -85,7 +86,7 @@ def split_instructions(work: Work) -> dict[str, Path]:
     """LLaVA-Instruct-150K from the Hub cache, with `held_out` conversations (seeded choice) set apart."""
     from huggingface_hub import hf_hub_download
 
-    records = read_json_list(hf_hub_download(LLAVA_INSTRUCT[0], LLAVA_INSTRUCT[1], repo_type="dataset"))
+    records = read_json_list(hf_hub_download(INSTRUCT_DATASETS[0], LLAVA_INSTRUCT_FILE, repo_type="dataset"))
     order = list(range(len(records)))
     random.Random(work.seed).shuffle(order)
     held = set(order[: work.recipe.held_out])
@@ -99,7 +100,7 @@ def split_instructions(work: Work) -> dict[str, Path]:
 def fetch_pope(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in POPE_SPLITS:
-        download_file(f"{POPE_URL}coco_pope_{split}.json", folder / f"coco_pope_{split}.json")
+        download(f"{POPE_URL}coco_pope_{split}.json", folder / f"coco_pope_{split}.json")
 
 
 def data_done(work: Work) -> bool:
@@ -296,23 +297,24 @@ def trained(work: Work, stage: str) -> bool:
 
 def run_evaluate(work: Work) -> dict[str, Any]:
     settings, weights = work.evaluate_settings, work.root / "stage2" / "weights"
+    others = [benchmark for benchmark in settings["benchmarks"] if benchmark != "pope"]
+    if others:
+        raise UsageError(f"refresh fetches POPE's data only; run training.evaluate --benchmark {others[0]} yourself")
     out = work.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    loaded = load_for_evaluation(weights)  # once, for the held-out split and the benchmarks
     report = evaluate.evaluate(
         weights,
         work.llava / "instruct_val.json",
         work.images,
         limit=settings["held_out_limit"],
         max_new_tokens=settings["max_new_tokens"],
+        assistant=Assistant(loaded.model, loaded.tokenizer, loaded.manifest),
     )
     (out / "held_out.json").write_text(json.dumps(report, indent=1) + "\n")
     metrics = {"held_out_loss": report["loss"], "exact_match": report["exact_match"]}
     metrics["contains_match"] = report["contains_match"]
-    for benchmark in settings["benchmarks"]:
-        if benchmark != "pope":
-            raise UsageError(
-                f"refresh fetches POPE's data only; run training.evaluate --benchmark {benchmark} yourself"
-            )
+    if "pope" in settings["benchmarks"]:
         scores = evaluate.run_benchmark(
             "pope",
             weights,
@@ -320,6 +322,7 @@ def run_evaluate(work: Work) -> dict[str, Any]:
             work.images,
             limit=settings["benchmark_limit"],
             max_new_tokens=settings["max_new_tokens"],
+            loaded=loaded,
         )
         (out / "pope.json").write_text(json.dumps(scores, indent=1) + "\n")
         metrics["pope_f1"] = scores["scores"].get("average_f1")

@@ -79,7 +79,7 @@ def draw(scene: Scene, rng: random.Random) -> Image.Image:
 
 def scenes(count: int, rng: random.Random) -> list[Scene]:
     """Every combination in turn (balanced classes), shuffled."""
-    combos = [Scene(shape, colour, side) for shape in SHAPES for colour in COLOURS for side in SIDES]
+    combos = all_scenes()
     chosen = [combos[index % len(combos)] for index in range(count)]
     rng.shuffle(chosen)
     return chosen
