@@ -33,12 +33,15 @@ from inference.hub import error_reason, resolve_weights
 from inference.model import MultimodalPhi
 from inference.precision import Precision, apply_precision, returning_freed_memory
 from inference.projector import PROJECTOR_FILE, build_projector, load_projector, save_projector
+from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
 from inference.vision import VisionTower
 
 ADAPTER_DIR = "adapter"
 # Without a serving precision (training, evaluation), the CPU loads bf16: fp32 phi-2 peaks above a CPU
 # Basic Space's 16 GB while loading. Serving chooses a `Precision` (int8 by default).
 DEFAULT_CPU_DTYPE = torch.bfloat16
+
+CALIBRATION_QUESTION = "What is in this picture?\nDescribe it in a few words, then name its colours."
 
 # Loads the causal LM from a resolved reference (Hub id or folder): each phase has its own.
 LanguageModelLoader = Callable[[str], PreTrainedModel]
@@ -119,11 +122,19 @@ def load_weights(
             if manifest.adapter:
                 language_model = merge_adapter(language_model, adapter)
             if precision is not None:
-                language_model = apply_precision(language_model, precision)
+                ids = calibration_ids(AutoTokenizer.from_pretrained(reference), manifest.template)
+                language_model = apply_precision(language_model, precision, ids)
         return language_model
 
     model, tokenizer = build_model(manifest, folder, merged)
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
+
+
+def calibration_ids(tokenizer: PreTrainedTokenizerBase, template: TemplateName) -> list[int]:
+    """What int8 calibrates on: a served prompt's text (system prompt, template, a question with "\\n"), no image."""
+    conversation = Conversation((Turn(CALIBRATION_QUESTION),))
+    rendered = render(template, conversation, tokenizer, True, image_tokens=1)
+    return [token for token in rendered.input_ids if token != IMAGE_PLACEHOLDER_ID]
 
 
 def load_for_evaluation(folder: str | Path) -> LoadedWeights:

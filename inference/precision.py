@@ -4,7 +4,11 @@ Chosen by measurement (`benchmarks/cpu_inference.py` writes the numbers to bench
 README "Fast answers on the CPU"): decoding reads every weight once per token, so it is bound by
 memory bandwidth, and int8 weights are a quarter of fp32's bytes. torch.ao's dynamic int8 Linear
 quantizes its input with one scale for the whole tensor (per tensor, not per token: in a prefill the
-largest activation of any position sets it); weights are quantized per output channel.
+largest activation of any position sets it); weights are quantized per output channel. Trained LLMs'
+outliers (a few fixed input dimensions far larger than the rest, and the massive activation at the
+first token and "\n") would set that scale for everything else, so the input columns that carry them,
+found by running a calibration prompt through the model while it is converted, are multiplied in fp32
+beside the int8 product (LLM.int8()'s decomposition; `OutlierInt8Linear`).
 
 Quantization runs one decoder layer at a time from the bf16 model (LoRA already merged), so the
 whole-model fp32 copy that a one-shot `quantize_dynamic(model)` needs is never made.
@@ -16,6 +20,7 @@ import ctypes
 import ctypes.util
 import gc
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 
@@ -35,6 +40,9 @@ class Precision(StrEnum):
 
 
 DEFAULT_PRECISION = Precision.INT8
+# An input column whose largest value on the calibration prompt is this many times the median column's stays
+# fp32 (LLM.int8() uses a fixed magnitude, 6, on LayerNorm outputs of about unit scale).
+OUTLIER_RATIO = 6.0
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -100,26 +108,119 @@ def release_pages(ranges: list[tuple[int, int]]) -> None:
             _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every `nn.Linear` of a causal LM by a dynamic int8 one, layer by layer; the rest becomes fp32."""
+class OutlierInt8Linear(nn.Module):
+    """A dynamic int8 Linear whose outlier input columns are multiplied in fp32 (LLM.int8()'s decomposition).
+
+    torch.ao's dynamic int8 Linear quantizes its input with one scale for the whole tensor, so a few
+    large input columns (trained LLMs' systematic outlier dimensions, and the massive activation of
+    the first token and "\\n", which sits in a fixed dimension too) would set the step for every other
+    value. Here those columns are zeroed in the int8 product's input and weight and added back as a
+    small fp32 product: the int8 scale is set by the ordinary values.
+    """
+
+    def __init__(self, linear: nn.Linear, columns: torch.Tensor, qconfig) -> None:
+        super().__init__()
+        from torch.ao.quantization import quantize_dynamic
+
+        weight = linear.weight.detach().float()
+        self.register_buffer("columns", columns)
+        self.register_buffer("outlier_weight", weight[:, columns].T.contiguous())  # (columns, out_features)
+        rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            rest.weight.copy_(weight.index_fill(1, columns, 0.0))
+            if linear.bias is not None:
+                rest.bias.copy_(linear.bias.float())
+        self.int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.int8(x.index_fill(-1, self.columns, 0.0))
+        outliers = x.index_select(-1, self.columns).flatten(0, -2)
+        output.flatten(0, -2).addmm_(outliers, self.outlier_weight)  # in place: a view of `output`
+        return output
+
+
+def outlier_columns(peaks: torch.Tensor, ratio: float = OUTLIER_RATIO) -> torch.Tensor:
+    """Input columns whose largest magnitude on the calibration prompt is `ratio`× the median column's.
+
+    At most 8 or 1/64 of the columns, whichever is more (the largest), so the fp32 part stays small.
+    """
+    median = peaks.median().clamp_min(torch.finfo(torch.float32).tiny)
+    candidates = torch.nonzero(peaks > ratio * median).flatten()
+    limit = max(8, peaks.numel() // 64)
+    if candidates.numel() > limit:
+        candidates = candidates[peaks[candidates].topk(limit).indices]
+    return candidates.sort().values
+
+
+def _int8_linear(linear: nn.Linear, peaks: torch.Tensor | None, qconfig) -> nn.Module:
+    """`linear` as int8: with its outlier columns in fp32 when the calibration found any (`peaks`: per column)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    columns = outlier_columns(peaks) if peaks is not None else torch.empty(0, dtype=torch.long)
+    if columns.numel():
+        return OutlierInt8Linear(linear, columns, qconfig)
+    return quantize_dynamic(nn.Sequential(linear.float()), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module:
+    """Replace every `nn.Linear` of a causal LM by a dynamic int8 one, calibrated on a prompt; the rest becomes fp32.
+
+    One forward of the decoder over `calibration_ids` drives the conversion: as each decoder layer is
+    reached it becomes fp32, runs while its Linear layers record their largest input per column, and
+    is quantized before the next layer starts, so the model is never whole in fp32. Columns far above
+    the median (`outlier_columns`) stay fp32 (`OutlierInt8Linear`). The head is calibrated on the
+    decoder's output. The prompt should hold what carries outliers in served prompts: a first token
+    and "\n".
+    """
     # torch.ao's eager dynamic quantization is deprecated in favour of torchao but is kept in the pinned
     # torch; tests/test_precision.py holds its answers against fp32, so a change would be noticed.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*deprecated")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
 
-        qconfig = {nn.Linear: per_channel_dynamic_qconfig}
-        for layer in _decoder_layers(model):
-            ranges = checkpoint_ranges(layer)
+        decoder, layers = model.model, _decoder_layers(model)
+        for child in decoder.children():  # final LayerNorm, rotary: fp32 now (the embeddings at the end)
+            if child is not layers and child is not model.get_input_embeddings():
+                child.float()
+        peaks: dict[nn.Module, torch.Tensor] = {}
+        hooks: list = []
+        ranges: list[tuple[int, int]] = []
+
+        def record(linear: nn.Module, args: tuple) -> None:
+            peak = args[0].detach().abs().flatten(0, -2).amax(0).float()
+            peaks[linear] = torch.maximum(peaks[linear], peak) if linear in peaks else peak
+
+        def enter(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            ranges[:] = checkpoint_ranges(layer)
             layer.float()
-            quantize_dynamic(layer, qconfig, dtype=torch.qint8, inplace=True)
+            hooks.extend(m.register_forward_pre_hook(record) for m in layer.modules() if type(m) is nn.Linear)
+            if args:
+                args = (args[0].float(), *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].float()}
+            return args, kwargs
+
+        def leave(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            for hook in hooks:
+                hook.remove()
+            hooks.clear()
+            _quantize_children(layer, peaks, qconfig)
             gc.collect()  # free this layer's bf16/fp32 weights before the next one is converted
             release_pages(ranges)
+
+        layer_hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in layers]
+        layer_hooks += [layer.register_forward_hook(leave) for layer in layers]
+        try:
+            hidden = decoder(input_ids=torch.tensor([list(calibration_ids)]), use_cache=False).last_hidden_state
+        finally:
+            for hook in layer_hooks:
+                hook.remove()
         head = model.get_output_embeddings()
-        if isinstance(head, nn.Linear):  # a module is swapped by its parent: wrap the head to quantize it
+        if isinstance(head, nn.Linear):
             ranges = checkpoint_ranges(head)
-            model.set_output_embeddings(quantize_dynamic(nn.Sequential(head.float()), qconfig, dtype=torch.qint8)[0])
+            model.set_output_embeddings(_int8_linear(head, hidden.abs().flatten(0, -2).amax(0), qconfig))
             del head
             gc.collect()
             release_pages(ranges)
@@ -137,6 +238,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def _quantize_children(module: nn.Module, peaks: dict[nn.Module, torch.Tensor], qconfig) -> None:
+    """Every `nn.Linear` inside `module` → int8, calibrated on its recorded input peaks (used up)."""
+    found = [(p, n, c) for p in module.modules() for n, c in p.named_children() if type(c) is nn.Linear]
+    for parent, name, linear in found:
+        setattr(parent, name, _int8_linear(linear, peaks.pop(linear, None), qconfig))
+
+
 def _still_used(model: nn.Module, address: int) -> bool:
     return any(tensor.data_ptr() == address for tensor in [*model.parameters(), *model.buffers()])
 
@@ -148,6 +256,6 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
-    """A language model loaded in `precision.load_dtype` → ready to serve in `precision`."""
-    return quantize_int8(model) if precision is Precision.INT8 else model
+def apply_precision(model: nn.Module, precision: Precision, calibration_ids: Sequence[int]) -> nn.Module:
+    """A language model loaded in `precision.load_dtype` → ready to serve in `precision` (int8: calibrated on ids)."""
+    return quantize_int8(model, calibration_ids) if precision is Precision.INT8 else model

@@ -6,26 +6,53 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PhiForCausalLM
+from transformers import AutoTokenizer, PhiForCausalLM
 
-from inference import tiny
+from inference import precision, tiny
+from inference.assistant import Assistant
 from inference.config import GenerationOptions
+from inference.gguf_files import export
+from inference.llamacpp import LlamaCpp
 from inference.loading import load_weights
-from inference.precision import DEFAULT_PRECISION, Precision
-from inference.standins import plant_outliers
+from inference.precision import DEFAULT_PRECISION, OutlierInt8Linear, Precision
+from inference.standins import outlier_dims, plant_outliers
 from tests.kit import make_shape_image, pixels, prompt_ids
 from training.shapes import CORPUS, warm_up_language_model
 
-QUESTIONS = ["What is in this picture?", "What colour is the shape?", "Is the shape on the left or the right?"]
+QUESTIONS = [
+    "What is in this picture?",
+    "What colour is the shape?",
+    "Is the shape on the left or the right?",
+    "Look at the picture.\nDescribe the shape, its colour and its place.",  # "\n": a massive activation mid-prompt
+]
 TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def trained_weights(phi_dir, clip_dir, tmp_path_factory):
-    """Weights over a tiny Phi that has learnt some text, so its greedy choices are not coin flips."""
-    folder = tmp_path_factory.mktemp("precision")
-    language_model = warm_up_language_model(phi_dir, folder / "phi", CORPUS, steps=150)
-    return tiny.build_weights_folder(folder / "weights", language_model, clip_dir, adapter=False)
+def trained_phi(phi_dir, tmp_path_factory):
+    """A tiny Phi that has learnt some text, so its greedy choices are not coin flips."""
+    return warm_up_language_model(phi_dir, tmp_path_factory.mktemp("precision") / "phi", CORPUS, steps=150)
+
+
+@pytest.fixture(scope="module")
+def trained_weights(trained_phi, clip_dir):
+    return tiny.build_weights_folder(trained_phi.parent / "weights", trained_phi, clip_dir, adapter=False)
+
+
+@pytest.fixture(scope="module")
+def planted_weights(trained_phi, clip_dir):
+    """The trained tiny Phi with trained LLMs' outliers planted through its weights (inference/standins.py):
+    4 systematic LayerNorm output dimensions ×30, and a massive activation (1000× the median embedding,
+    √width after LayerNorm) at the served prompt's first token and at "\n"."""
+    model = PhiForCausalLM.from_pretrained(trained_phi)
+    tokenizer = AutoTokenizer.from_pretrained(trained_phi)
+    first = prompt_ids(tokenizer, QUESTIONS[0])[0]
+    plant_outliers(model, massive_tokens=sorted({first, *tokenizer("\n")["input_ids"]}))
+    model.save_pretrained(trained_phi.parent / "planted-phi")
+    tokenizer.save_pretrained(trained_phi.parent / "planted-phi")
+    return tiny.build_weights_folder(
+        trained_phi.parent / "planted", trained_phi.parent / "planted-phi", clip_dir, adapter=False
+    )
 
 
 def continuations(weights, precision: Precision, reference: list[list[int]] | None = None):
@@ -103,3 +130,74 @@ def test_planted_massive_activation_is_about_root_width_after_layernorm(trained_
     width = model.config.hidden_size
     assert normed[1, outliers.massive_dim] == pytest.approx(width**0.5, rel=0.1)  # about 50 for phi-2
     assert normed[0, outliers.massive_dim].abs() < 5  # other tokens are untouched
+
+
+def fidelity(results, reference) -> tuple[float, float]:
+    """Minimum logit cosine and top-1 agreement against fp32, over every teacher-forced answer position."""
+    logits = torch.cat([logits for _, logits in results])
+    ref_logits = torch.cat([logits for _, logits in reference])
+    ref_tokens = torch.tensor([token for tokens, _ in reference for token in tokens])
+    cosine = F.cosine_similarity(logits, ref_logits, dim=-1).min().item()
+    return cosine, (logits.argmax(-1) == ref_tokens).float().mean().item()
+
+
+def llama_cpp_continuations(weights, reference, folder) -> list[tuple[None, torch.Tensor]]:
+    """`continuations` for the app's llama.cpp backend (Q8_0, the image encoded in PyTorch), teacher-forced."""
+    loaded = load_weights(weights, precision=Precision.FP32)
+    llm = LlamaCpp(export(weights, folder, "q8_0").language_model, threads=2)
+    with torch.no_grad():
+        image_embeds = loaded.model.encode_images(pixels(loaded.model, make_shape_image("red")))[0].numpy()
+    results = []
+    for question, (forced, _) in zip(QUESTIONS, reference, strict=True):
+        ids = prompt_ids(loaded.tokenizer, question, loaded.manifest.image_tokens)
+        llm.clear()
+        every = llm.decode(ids + forced, image_embeds, 0, outputs="all")
+        results.append((None, torch.from_numpy(every[len(ids) - 1 : len(ids) - 1 + len(forced)]).float()))
+    return results
+
+
+@pytest.mark.parametrize("served", ["int8", "llama.cpp-q8_0"])
+def test_served_precisions_stay_faithful_with_planted_outliers(planted_weights, served, tmp_path):
+    """The int8 issue's bar, on the model that carries trained LLMs' outliers: at every answer position."""
+    reference = continuations(planted_weights, Precision.FP32)
+    forced = [tokens for tokens, _ in reference]
+    if served == "int8":
+        results = continuations(planted_weights, Precision.INT8, forced)
+    else:
+        results = llama_cpp_continuations(planted_weights, reference, tmp_path)
+    cosine, top1 = fidelity(results, reference)
+    assert cosine >= 0.995 and top1 >= 0.98, (served, cosine, top1)
+
+
+def test_per_tensor_int8_misses_that_bar(planted_weights, monkeypatch):
+    """The test above has teeth: without the fp32 outlier columns (torch.ao's per-tensor int8 as it was
+    served before), the planted outliers set the activation scale and the same bar is missed."""
+    reference = continuations(planted_weights, Precision.FP32)
+    monkeypatch.setattr(precision, "outlier_columns", lambda peaks: torch.empty(0, dtype=torch.long))
+    results = continuations(planted_weights, Precision.INT8, [tokens for tokens, _ in reference])
+    assert not any(
+        isinstance(m, OutlierInt8Linear)
+        for m in load_weights(planted_weights, precision=Precision.INT8).model.modules()
+    )
+    cosine, top1 = fidelity(results, reference)
+    assert cosine < 0.995 and top1 < 0.98
+
+
+def test_int8_finds_the_planted_columns_and_keeps_them_fp32(planted_weights):
+    language_model = load_weights(planted_weights, precision=Precision.INT8).model.language_model
+    planted = set(outlier_dims(language_model.config.hidden_size))
+    layer = language_model.model.layers[0]
+    for linear in (layer.self_attn.q_proj, layer.mlp.fc1, language_model.lm_head):  # they read a LayerNorm
+        assert isinstance(linear, OutlierInt8Linear) and planted <= set(linear.columns.tolist())
+        assert len(linear.columns) <= 8
+
+
+def test_int8_answers_with_a_reused_prefix_equal_answers_without(planted_weights):
+    loaded = load_weights(planted_weights, precision=Precision.INT8)
+    reusing = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    image, history, options = make_shape_image("blue"), [], GenerationOptions(max_new_tokens=12)
+    for question in ("What colour is it?", "Where is it?", "Is it round?"):
+        answer = list(reusing.chat(history, image, text=question, options=options))[-1].answer
+        fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
+        assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
+        history.append((question, answer))
