@@ -3,7 +3,7 @@
     python app.py                      # weights/ if trained, else the original project's checkpoint
     python app.py --weights DIR_OR_ID  # a weights folder, or a Hub repo id (OWNER/NAME[@REVISION])
     python app.py --demo               # tiny random models built offline: try the UI anywhere
-    python app.py --backend torch      # the language model in PyTorch (int8) instead of llama.cpp
+    python app.py --backend llama.cpp  # the language model in llama.cpp (Q8_0) instead of PyTorch int8
 
 Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, BACKEND, GGUF,
 PRECISION, DEMO=1, SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
@@ -36,7 +36,7 @@ from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
 from inference.threads import set_threads
 
-BACKENDS = ["llama.cpp", "torch"]
+BACKENDS = ["torch", "llama.cpp"]
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
 EXAMPLES = [
@@ -254,9 +254,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        default=env("BACKEND", "llama.cpp"),
-        help="where the language model runs (env BACKEND): llama.cpp (q8_0, the fastest faithful one in "
-        "benchmarks/cpu_inference.py) or torch",
+        default=env("BACKEND", "torch"),
+        help="where the language model runs (env BACKEND): torch (in --precision; int8, the fastest faithful "
+        "one in benchmarks/cpu_inference.py) or llama.cpp (Q8_0)",
     )
     parser.add_argument(
         "--gguf",
@@ -310,7 +310,7 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
         atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
         weights, whisper = build_demo_weights(folder)
         assistant = Assistant.from_weights(
-            weights, str(whisper), args.precision, args.backend, args.gguf, gguf_cache=folder / "gguf"
+            weights, str(whisper), args.precision, args.backend, args.gguf, cache=folder / "cache"
         )
     else:
         try:

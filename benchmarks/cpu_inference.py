@@ -386,21 +386,24 @@ def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
     return result | speeds(start, times) | {"tokens": tokens, "generate_peak": rss.peak}
 
 
-def run_app_start(folder: Path, threads: int) -> dict:
-    """The app's start on the llama.cpp backend (Assistant.from_weights as app.py calls it: TinyCLIP, the
-    projector, Whisper and the language model; without a GGUF folder the weights are exported to Q8_0
-    once into the cache), and its first answer's first token."""
+APP_BACKENDS = ("llama.cpp", "torch")
+
+
+def run_app_start(folder: Path, threads: int, backend: str) -> dict:
+    """The app's start (Assistant.from_weights as app.py calls it: TinyCLIP, the projector, Whisper and
+    the language model; llama.cpp: exported to Q8_0 once into the cache; torch: int8, quantized once
+    and saved into the cache), and its first answer's first token."""
     torch.set_num_threads(threads)
+    from PIL import Image
+
     from inference.assistant import Assistant
     from inference.config import GenerationOptions
 
     start = time.perf_counter()
     assistant = Assistant.from_weights(
-        folder / "weights", str(folder / "whisper.pt"), backend="llama.cpp", gguf_cache=folder / "app-cache"
+        folder / "weights", str(folder / "whisper.pt"), backend=backend, cache=folder / "app-cache"
     )
     result = {"start_s": time.perf_counter() - start, "start_peak": peak_rss()}
-    from PIL import Image
-
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     start = time.perf_counter()
     list(assistant.chat([], image, text="What is in this picture?", options=GenerationOptions(max_new_tokens=1)))
@@ -500,22 +503,29 @@ def report(results: dict[str, dict], bandwidth: float, size: str, threads: int, 
         "TinyCLIP and Whisper, and its weights column is the GGUF file's size.",
     ]
     if "app" in notes:
-        first, second = notes["app"]["first"], notes["app"]["second"]
         lines += [
             "",
-            "The served app (the llama.cpp backend: TinyCLIP, the projector and whisper base.en in PyTorch, the "
-            "language model Q8_0 in llama.cpp; Assistant.from_weights as app.py calls it) from these fp16 shards: "
-            f"first start {first['start_s']:.1f} s with peak RSS {gb(first['start_peak'])} (it exports the weights "
-            f"to Q8_0 once into its cache), second start {second['start_s']:.1f} s with peak RSS "
-            f"{gb(second['start_peak'])}; then the first answer's first token (image encoded, 1 token) "
-            f"{second['first_answer_s']:.2f} s, peak RSS {gb(second['peak'])} in all.",
+            "The app's start from these fp16 shards (Assistant.from_weights as app.py calls it: TinyCLIP, the "
+            "projector, whisper base.en and the language model), each in a fresh process: the first start makes what "
+            "the backend serves and keeps it in its cache (llama.cpp: the Q8_0 export; torch: the int8 model), the "
+            "second loads it; then the first answer's first token (a 640×480 image encoded, one token).",
+            "",
+            "| backend | first start | peak RSS | second start | peak RSS | first answer, first token | "
+            "peak RSS in all |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for backend, starts in notes["app"].items():
+            first, second = starts["first"], starts["second"]
+            lines.append(
+                f"| {backend} | {first['start_s']:.1f} s | {gb(first['start_peak'])} | {second['start_s']:.1f} s | "
+                f"{gb(second['start_peak'])} | {second['first_answer_s']:.2f} s | {gb(second['peak'])} |"
+            )
     extra = results["int8"]
     saved = 1 - extra["follow_up_first_s_with_reuse"] / extra["follow_up_first_s_without_reuse"]
     lines += [
         "",
-        "int8 is the torch backend's app (`--backend torch`; whisper base.en and TinyCLIP loaded too, and it loads "
-        "as slowly at every start: nothing is cached). "
+        "int8 is the torch backend's app (`--backend torch`; whisper base.en and TinyCLIP loaded too; its load is "
+        "a first start, without the saved int8 model). "
         f"TinyCLIP encode of one 640×480 image: {extra['clip_encode_s']:.2f} s; "
         f"whisper base.en on a 10 s question (30 tokens): {extra['whisper_10s_s']:.2f} s. "
         f"Follow-up question ({extra['follow_up_positions']} positions): first token "
@@ -550,11 +560,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all that can run here")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
-    parser.add_argument("--child", choices=[*METHODS, "app-start"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=[*METHODS, *(f"app-start-{b}" for b in APP_BACKENDS)], help=argparse.SUPPRESS
+    )
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child == "app-start":
-        print(json.dumps(run_app_start(args.folder, args.threads)))
+    if args.child and args.child.startswith("app-start-"):
+        print(json.dumps(run_app_start(args.folder, args.threads, args.child.removeprefix("app-start-"))))
         return {}
     if args.child:
         run = run_llama_cpp if args.child in LLAMA_CPP_METHODS else run_method
@@ -596,23 +608,15 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
             results[method] = json.loads(done.stdout.strip().splitlines()[-1])
         scores = quality(folder, methods, results["original"]["tokens"], results["original"]["prompt_last"])
-        if set(methods) & set(LLAMA_CPP_METHODS):  # the served app: a first start exports, a second finds it
+        backends = [b for b in APP_BACKENDS if set(methods) & set(LLAMA_CPP_METHODS if b == "llama.cpp" else ["int8"])]
+        for backend in backends:  # the app's first start makes what it serves and keeps it; the second loads it
             for name in ("first", "second"):
-                print(f"starting the app ({name} start) ...", flush=True)
-                command = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    "app-start",
-                    "--folder",
-                    tmp,
-                    "--threads",
-                    str(args.threads),
-                ]
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                print(f"starting the app ({backend}, {name} start) ...", flush=True)
+                child = [sys.executable, __file__, "--child", f"app-start-{backend}", "--folder", tmp]
+                done = subprocess.run([*child, "--threads", str(args.threads)], env=env, capture_output=True, text=True)
                 if done.returncode:
-                    raise SystemExit(f"the app's {name} start failed:\n{done.stderr[-3000:]}")
-                notes.setdefault("app", {})[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                    raise SystemExit(f"the app's {name} start ({backend}) failed:\n{done.stderr[-3000:]}")
+                notes.setdefault("app", {}).setdefault(backend, {})[name] = json.loads(done.stdout.splitlines()[-1])
     table = report(results, bandwidth, size, args.threads, time.perf_counter() - started, scores, notes)
     print(table)
     write_results(table, size, args.results)

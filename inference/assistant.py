@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from inference.config import GenerationOptions, Manifest
-from inference.loading import load_weights
+from inference.loading import SERVING_CACHE, load_weights
 from inference.model import MultimodalPhi, PrefixCache
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
@@ -74,22 +74,23 @@ class Assistant:
         precision: Precision = DEFAULT_PRECISION,
         backend: str = "torch",
         gguf: str | Path | None = None,
-        gguf_cache: Path | None = None,
+        cache: Path = SERVING_CACHE,
     ) -> Assistant:
         """Load a weights folder (or Hub id) and a whisper model unless `whisper_model` is None.
 
-        The language model runs in PyTorch in `precision` (backend "torch"), or in llama.cpp (backend
-        "llama.cpp": the GGUF file in `gguf`, or exported from the weights once into `gguf_cache`, by
-        default the Hub cache's folder; `inference.llamacpp`).
+        The language model runs in PyTorch in `precision` (backend "torch"; int8 is quantized at the
+        first start and saved under `cache`/int8, later starts load it), or in llama.cpp (backend
+        "llama.cpp": the GGUF file in `gguf`, or exported from the weights once into `cache`/gguf;
+        `inference.llamacpp`). `cache` is by default a folder in the Hub cache.
         """
         if backend == "llama.cpp":
-            from inference.llamacpp import GGUF_CACHE, load_llamacpp
+            from inference.llamacpp import load_llamacpp
 
-            loaded = load_llamacpp(weights, gguf, torch.get_num_threads(), gguf_cache or GGUF_CACHE)
+            loaded = load_llamacpp(weights, gguf, torch.get_num_threads(), cache / "gguf")
             precision = None
         else:
             precision = Precision(precision)
-            loaded = load_weights(weights, precision=precision)
+            loaded = load_weights(weights, precision=precision, int8_cache=cache / "int8")
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
         return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision, backend)
 

@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from inference.config import Manifest
+from inference.int8_files import INT8_DIR, INT8_FILE
 from inference.prompt import PHI2_SYSTEM
 
 # The run summary's entries shown in a card's results table, when present.
@@ -45,6 +46,11 @@ def weights_card(folder: str | Path, summary: dict[str, Any] | None = None, data
         f"- projector: {manifest.projector.type.value}, {manifest.projector.in_features} → "
         f"{manifest.projector.out_features}",
         f"- language model: `{manifest.language_model}`" + (" + LoRA adapter (`adapter/`)" if manifest.adapter else ""),
+        *(
+            ["- `int8/`: the language model quantized to int8 as the app serves it on the CPU (loaded, not redone)"]
+            if (folder / INT8_DIR / INT8_FILE).is_file()
+            else []
+        ),
         f"- prompt template: `{manifest.template.value}`",
     ]
     return _card(

@@ -12,7 +12,6 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
-import json
 import shutil
 import threading
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub.constants import HF_HOME
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.logits_process import (
@@ -29,11 +27,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from inference import gguf_files
 from inference.cli import UsageError
 from inference.config import GenerationOptions, Manifest, ManifestError
 from inference.gguf_files import export
 from inference.hub import resolve_weights
-from inference.loading import LoadedWeights, build_model
+from inference.loading import SERVING_CACHE, LoadedWeights, build_model, cache_key, source_stamp
 from inference.model import MultimodalPhi, shared_prefix
 from inference.prompt import IMAGE_PLACEHOLDER_ID
 
@@ -255,7 +254,7 @@ def next_token(logits: np.ndarray, generated: list[int], options: GenerationOpti
     return int(torch.multinomial(scores.softmax(-1), 1))
 
 
-GGUF_CACHE = Path(HF_HOME) / "vqa-assistant" / "gguf"  # exports made at startup, one folder per weights
+GGUF_CACHE = SERVING_CACHE / "gguf"  # exports made at startup, one folder per weights
 SERVED_KIND = "q8_0"  # the benchmark's winner: benchmarks/RESULTS.md
 
 
@@ -291,12 +290,11 @@ def _gguf_file(folder: Path) -> Path:
 
 
 def _exported(folder: Path, manifest: Manifest, cache: Path) -> Path:
-    """This weights folder's export in the cache, made now when missing; keyed by the folder's place and
-    its manifest, projector and adapter files (size and time), so retrained weights are exported afresh."""
-    stamp = [str(folder.resolve()), json.dumps(manifest.to_dict(), sort_keys=True)]
-    for file in sorted(folder.rglob("*.safetensors")):
-        stamp.append(f"{file.relative_to(folder)} {file.stat().st_size} {file.stat().st_mtime_ns}")
-    target = cache / hashlib.sha1("\n".join(stamp).encode(), usedforsecurity=False).hexdigest()[:16]
+    """This weights folder's export in the cache, made now when missing. Keyed by what it is made from
+    (`source_stamp`: the weights folder, the base language model) and the exporter's code, so retrained
+    weights, another base model or a changed exporter export afresh."""
+    exporter = hashlib.sha1(Path(gguf_files.__file__).read_bytes(), usedforsecurity=False).hexdigest()
+    target = cache / cache_key([*source_stamp(folder, manifest), f"exporter {exporter}"])
     if not (target / f"language-model-{SERVED_KIND}.gguf").is_file():
         print(f"exporting the language model to llama.cpp's format once, into {target}", flush=True)
         staging = target.with_name(f".{target.name}.staging")

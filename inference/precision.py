@@ -19,10 +19,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import hashlib
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,12 +36,16 @@ class Precision(StrEnum):
     FP32 = "fp32"  # the reference
 
     @property
-    def load_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint is loaded (and the LoRA merged) in."""
-        return torch.float32 if self is Precision.FP32 else torch.bfloat16
+    def load_dtype(self) -> torch.dtype | str:
+        """The dtype the checkpoint is loaded (and the LoRA merged) in. int8 takes the checkpoint's own
+        ("auto": phi-2 ships fp16), so the loaded tensors are views of the mapped file, not copies, and
+        `release_pages` can give each layer's pages back once it is quantized."""
+        return {Precision.INT8: "auto", Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}[self]
 
 
 DEFAULT_PRECISION = Precision.INT8
+# Names this file's code in the keys of saved int8 models: a changed quantizer quantizes afresh.
+QUANTIZER_VERSION = hashlib.sha1(Path(__file__).read_bytes(), usedforsecurity=False).hexdigest()[:12]
 # An input column whose largest value on the calibration prompt is this many times the median column's stays
 # fp32 (LLM.int8() uses a fixed magnitude, 6, on LayerNorm outputs of about unit scale).
 OUTLIER_RATIO = 6.0
@@ -118,19 +124,24 @@ class OutlierInt8Linear(nn.Module):
     small fp32 product: the int8 scale is set by the ordinary values.
     """
 
-    def __init__(self, linear: nn.Linear, columns: torch.Tensor, qconfig) -> None:
+    def __init__(self, int8: nn.Module, columns: torch.Tensor, outlier_weight: torch.Tensor) -> None:
         super().__init__()
+        self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns`
+        self.register_buffer("columns", columns)
+        self.register_buffer("outlier_weight", outlier_weight)  # (columns, out_features), fp32
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, columns: torch.Tensor, qconfig) -> OutlierInt8Linear:
         from torch.ao.quantization import quantize_dynamic
 
         weight = linear.weight.detach().float()
-        self.register_buffer("columns", columns)
-        self.register_buffer("outlier_weight", weight[:, columns].T.contiguous())  # (columns, out_features)
         rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         with torch.no_grad():
             rest.weight.copy_(weight.index_fill(1, columns, 0.0))
             if linear.bias is not None:
                 rest.bias.copy_(linear.bias.float())
-        self.int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+        int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+        return cls(int8, columns, weight[:, columns].T.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = self.int8(x.index_fill(-1, self.columns, 0.0))
@@ -158,7 +169,7 @@ def _int8_linear(linear: nn.Linear, peaks: torch.Tensor | None, qconfig) -> nn.M
 
     columns = outlier_columns(peaks) if peaks is not None else torch.empty(0, dtype=torch.long)
     if columns.numel():
-        return OutlierInt8Linear(linear, columns, qconfig)
+        return OutlierInt8Linear.from_linear(linear, columns, qconfig)
     return quantize_dynamic(nn.Sequential(linear.float()), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
 
 

@@ -7,7 +7,10 @@ The greedy-answer agreement on a trained model is measured after the tiny recipe
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,9 +121,8 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     served = load_llamacpp(weights, None, threads=2, cache=tmp_path)  # exported once into the cache (q8_0)
     assert len(list(tmp_path.iterdir())) == 1 and load_llamacpp(weights, None, 2, tmp_path).model.llm
     assert len(list(tmp_path.iterdir())) == 1  # the second start found the export
-    f16 = export_gguf.main(["--weights", str(weights), "--out", str(tmp_path / "f16"), "--type", "f16"])
-    model = LlamaCppModel(loaded.model, f16.language_model, threads=2)
-    assistant = Assistant(model, loaded.tokenizer, loaded.manifest, backend="llama.cpp")
+    model = served.model  # Q8_0, the precision the app serves
+    assistant = Assistant(model, served.tokenizer, served.manifest, backend="llama.cpp")
     image, options = make_shape_image("green"), GenerationOptions(max_new_tokens=12)
     replies = [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)]
     assert len(replies) > 2 and all(a == b[: len(a)] for a, b in itertools.pairwise(replies))
@@ -131,15 +133,31 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     model.cached = []  # forget: the whole prompt is computed again
     assert [reply.answer for reply in assistant.chat(history, image, "And then?", options=options)][-1] == follow_up
     assert reused > 2 * loaded.manifest.image_tokens
-    # Greedy tokens equal PyTorch's where the logits are not near-ties (the model is random).
+    # Greedy tokens equal PyTorch's where the logits are not near-ties (the model is random), in F16.
     ids = prompt_ids(loaded.tokenizer, QUESTION, loaded.manifest.image_tokens)
     with torch.no_grad():
         embeds = loaded.model.encode_images(pixels(loaded.model, image))
         expected = loaded.model.generate(ids, embeds, GenerationOptions(max_new_tokens=4))
-    assert model.generate(ids, embeds, GenerationOptions(max_new_tokens=4))[:2] == expected[:2]
+    f16 = export_gguf.main(["--weights", str(weights), "--out", str(tmp_path / "f16"), "--type", "f16"])
+    exact = LlamaCppModel(loaded.model, f16.language_model, threads=2)
+    assert exact.generate(ids, embeds, GenerationOptions(max_new_tokens=4))[:2] == expected[:2]
     stop = threading.Event()
     stop.set()
     assert model.generate(ids, embeds, options, stop=stop) == []
     sampled = GenerationOptions(max_new_tokens=6, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     assert len(model.generate(ids, embeds, sampled)) <= 6
     assert served.model.max_positions == loaded.model.max_positions
+
+
+def test_a_changed_base_model_is_exported_afresh(gpt2_phi_dir, tmp_path):
+    """The export cache's key covers the base language model too (here a local folder's files; for a Hub
+    id, the snapshot's commit), not only the weights folder."""
+    base = Path(shutil.copytree(gpt2_phi_dir, tmp_path / "phi"))
+    weights = tiny.build_weights_folder(tmp_path / "weights", base, tiny.build_tiny_clip(tmp_path / "clip"))
+    cache = tmp_path / "cache"
+    load_llamacpp(weights, None, 2, cache)
+    load_llamacpp(weights, None, 2, cache)
+    assert len(list(cache.iterdir())) == 1
+    os.utime(base / "model.safetensors", ns=(0, 0))  # other weights in the same place
+    load_llamacpp(weights, None, 2, cache)
+    assert len(list(cache.iterdir())) == 2

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoTokenizer, PhiForCausalLM
 
-from inference import precision, tiny
+from inference import loading, precision, tiny
 from inference.assistant import Assistant
-from inference.config import GenerationOptions
+from inference.config import GenerationOptions, Manifest
 from inference.gguf_files import export
+from inference.int8_files import INT8_DIR, INT8_FILE, save_int8
 from inference.llamacpp import LlamaCpp
-from inference.loading import load_weights
+from inference.loading import int8_source, load_weights
 from inference.precision import DEFAULT_PRECISION, OutlierInt8Linear, Precision
 from inference.standins import outlier_dims, plant_outliers
 from tests.kit import make_shape_image, pixels, prompt_ids
@@ -201,3 +207,47 @@ def test_int8_answers_with_a_reused_prefix_equal_answers_without(planted_weights
         fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
         assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
         history.append((question, answer))
+
+
+def refuse_to_quantize(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(loading, "apply_precision", refuse)
+
+
+def same_logits(a, b) -> bool:
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        return torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_int8_is_quantized_once_and_loaded_from_the_cache_after(planted_weights, tmp_path, monkeypatch):
+    cache = tmp_path / "int8"
+    first = load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache).model.language_model
+    (saved,) = cache.glob(f"*/{INT8_FILE}")
+    refuse_to_quantize(monkeypatch)
+    second = load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache).model.language_model
+    assert isinstance(second.model.layers[0].mlp.fc1, OutlierInt8Linear) and same_logits(first, second)
+    # Other sources (here the base model's files changed) are quantized afresh; the cache keeps the latest.
+    monkeypatch.undo()
+    os.utime(planted_weights.parent / "planted-phi" / "model.safetensors", ns=(0, 0))
+    load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache)
+    assert [path.parent for path in cache.glob(f"*/{INT8_FILE}")] != [saved.parent]
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_an_int8_model_published_in_the_weights_folder_is_served_while_it_fits(weights_dir, tmp_path, monkeypatch):
+    """Training writes the int8 model into the weights folder (weights/int8/): a Space that restarts from an
+    empty disk loads it instead of quantizing; retrained weights (another adapter) no longer match it."""
+    weights = Path(shutil.copytree(weights_dir, tmp_path / "weights"))
+    quantized = load_weights(weights, precision=Precision.INT8).model.language_model
+    save_int8(quantized, weights / INT8_DIR, int8_source(weights, Manifest.load(weights)))
+    refuse_to_quantize(monkeypatch)
+    served = load_weights(weights, precision=Precision.INT8).model.language_model
+    assert same_logits(quantized, served)
+    adapter = weights / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    save_file({name: value + 0.01 for name, value in tensors.items()}, adapter)
+    with pytest.raises(AssertionError, match="quantized again"):
+        load_weights(weights, precision=Precision.INT8)

@@ -80,9 +80,9 @@ def stage_list(with_pretrain: bool, push: bool) -> list[Stage]:
         Stage("evaluate", "held-out split and POPE", stages.run_evaluate, stages.evaluate_done),
         Stage(
             "weights",
-            "merge the adapter: the Space's weights",
+            "merge the adapter and quantize to int8: the Space's weights",
             stages.run_weights,
-            lambda w: stages.weights_done(w.root / "weights", adapter=False),
+            stages.space_weights_done,
         ),
         Stage("gguf", "export the GGUF pair for llama.cpp", stages.run_gguf, stages.gguf_done),
         Stage("push", "push every product with its card", lambda w: stages.run_push(w, with_pretrain), lambda w: False),

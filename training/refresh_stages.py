@@ -25,7 +25,9 @@ from inference.cards import weights_card
 from inference.cli import UsageError
 from inference.config import Manifest, ManifestError
 from inference.gguf_files import export
-from inference.loading import load_for_evaluation, replace_folder
+from inference.int8_files import INT8_DIR, save_int8, saved_source
+from inference.loading import int8_source, load_for_evaluation, load_weights, replace_folder
+from inference.precision import Precision
 from training import (
     cache_features,
     evaluate,
@@ -288,6 +290,13 @@ def weights_done(folder: Path, adapter: bool | None = None) -> bool:
     return adapter is None or manifest.adapter == adapter
 
 
+def space_weights_done(work: Work) -> bool:
+    folder = work.root / "weights"
+    return weights_done(folder, adapter=False) and saved_source(folder / INT8_DIR) == int8_source(
+        folder, Manifest.load(folder)
+    )
+
+
 def trained(work: Work, stage: str) -> bool:
     return weights_done(work.root / stage / "weights") and (work.root / stage / "run.json").is_file()
 
@@ -338,9 +347,14 @@ def evaluate_done(work: Work) -> bool:
 
 
 def run_weights(work: Work) -> dict[str, Any]:
-    """The Space's weights: stage 2's adapter merged (no peft at start-up), with a card and the evaluation."""
+    """The Space's weights: stage 2's adapter merged (no peft at start-up), its int8 language model (what the
+    app serves by default, so a Space that starts from an empty disk loads it instead of quantizing), a card
+    and the evaluation."""
     out = work.root / "weights"
     merge_adapter.merge(work.root / "stage2" / "weights", out, getattr(torch, work.recipe.merged_dtype))
+    int8 = load_weights(out, precision=Precision.INT8).model.language_model
+    save_int8(int8, out / INT8_DIR, int8_source(out, Manifest.load(out)))
+    del int8
     for report in (work.root / "eval").glob("*.json"):
         shutil.copy2(report, out / f"eval-{report.name}")
     datasets = [*COCO_DATASETS, *INSTRUCT_DATASETS]

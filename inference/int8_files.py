@@ -1,0 +1,121 @@
+"""int8 language models as files: plain tensors in safetensors (no pickle), to keep in a cache or publish.
+
+`save_int8` writes what `precision.quantize_int8` made: each dynamic int8 Linear as its int8 weight,
+per-output-channel scales and zero points, and bias; an `OutlierInt8Linear` also its fp32 columns;
+every other tensor (embeddings, LayerNorms) in fp32; the config beside. `load_int8` builds the model
+on the meta device and puts those tensors in place: no bf16 checkpoint is read and nothing is
+quantized again, which is what makes a second start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from inference.config import ManifestError
+from inference.precision import OutlierInt8Linear
+
+INT8_DIR = "int8"  # in a weights folder: its int8 language model, when training published one
+INT8_FILE = "model-int8.safetensors"
+FORMAT = "vqa-assistant-int8/1"
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+
+def save_int8(model: PreTrainedModel, folder: Path, source: str = "") -> Path:
+    """Write `model` (int8 Linear layers, the rest fp32) into `folder`, atomically; `source` names what it
+    was made from (kept in the file's metadata, for `saved_source`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if name.startswith(tuple(f"{done}." for done in layout)):
+            continue  # the int8 part of an OutlierInt8Linear: written with it
+        inner = module.int8 if isinstance(module, OutlierInt8Linear) else module
+        if not isinstance(inner, DynamicLinear):
+            continue
+        weight, bias = inner._weight_bias()
+        if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
+            raise ValueError(f"{name}: only per-channel int8 weights are written (found {weight.qscheme()})")
+        tensors[f"{name}.weight_int8"] = weight.int_repr()
+        tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales()
+        tensors[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach()
+        if isinstance(module, OutlierInt8Linear):
+            tensors[f"{name}.columns"] = module.columns
+            tensors[f"{name}.outlier_weight"] = module.outlier_weight
+        layout[name] = "outliers" if isinstance(module, OutlierInt8Linear) else "int8"
+    prefixes = tuple(f"{name}." for name in layout)
+    tensors |= {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
+    staging = folder.with_name(f".{folder.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.config.save_pretrained(staging)
+    metadata = {"format": FORMAT, "layout": json.dumps(layout), "source": source}
+    save_file({key: value.contiguous() for key, value in tensors.items()}, staging / INT8_FILE, metadata)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def saved_source(folder: Path) -> str | None:
+    """The `source` an int8 folder was saved with; None when there is no int8 model in it."""
+    if not (folder / INT8_FILE).is_file():
+        return None
+    with safe_open(str(folder / INT8_FILE), "pt") as file:
+        return (file.metadata() or {}).get("source", "")
+
+
+def load_int8(folder: Path) -> PreTrainedModel:
+    """The language model `save_int8` wrote into `folder`, ready to serve."""
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with safe_open(str(folder / INT8_FILE), "pt") as file:
+        metadata = file.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            found = metadata.get("format")
+            raise ManifestError(f"{folder / INT8_FILE} is not an int8 model this version reads (format {found})")
+        layout = json.loads(metadata["layout"])
+        prefixes = tuple(f"{name}." for name in layout)
+        names = set(file.keys())
+        rest = {key: file.get_tensor(key) for key in names if not key.startswith(prefixes)}
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)  # before the int8 layers
+        missing = [key for key in missing if not key.startswith(prefixes)]
+        if missing or unexpected:
+            raise ManifestError(
+                f"{folder / INT8_FILE} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for name, kind in layout.items():
+            model.set_submodule(name, _int8_module(file, names, name, kind, model.get_submodule(name)))
+    for module in model.modules():  # buffers that are computed, not saved (rotary frequencies)
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
+            module_type = type(module)
+            model.set_submodule(_name_of(model, module), module_type(config=config))
+    return model.eval()
+
+
+def _int8_module(file, names: set[str], name: str, kind: str, shape: nn.Module) -> nn.Module:
+    scale = file.get_tensor(f"{name}.weight_scale")
+    zero_point = file.get_tensor(f"{name}.weight_zero_point")
+    weight = torch._make_per_channel_quantized_tensor(file.get_tensor(f"{name}.weight_int8"), scale, zero_point, 0)
+    bias = file.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
+    int8 = DynamicLinear(shape.in_features, shape.out_features, bias_=bias is not None, dtype=torch.qint8)
+    int8.set_weight_bias(weight, bias)
+    if kind == "int8":
+        return int8
+    return OutlierInt8Linear(int8, file.get_tensor(f"{name}.columns"), file.get_tensor(f"{name}.outlier_weight"))
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
