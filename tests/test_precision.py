@@ -138,6 +138,11 @@ def test_planted_massive_activation_is_about_root_width_after_layernorm(trained_
     assert normed[0, outliers.massive_dim].abs() < 5  # other tokens are untouched
 
 
+@pytest.fixture(scope="module")
+def planted_reference(planted_weights):
+    return continuations(planted_weights, Precision.FP32)
+
+
 def fidelity(results, reference) -> tuple[float, float]:
     """Minimum logit cosine and top-1 agreement against fp32, over every teacher-forced answer position."""
     logits = torch.cat([logits for _, logits in results])
@@ -163,9 +168,9 @@ def llama_cpp_continuations(weights, reference, folder) -> list[tuple[None, torc
 
 
 @pytest.mark.parametrize("served", ["int8", "llama.cpp-q8_0"])
-def test_served_precisions_stay_faithful_with_planted_outliers(planted_weights, served, tmp_path):
+def test_served_precisions_stay_faithful_with_planted_outliers(planted_weights, planted_reference, served, tmp_path):
     """The int8 issue's bar, on the model that carries trained LLMs' outliers: at every answer position."""
-    reference = continuations(planted_weights, Precision.FP32)
+    reference = planted_reference
     forced = [tokens for tokens, _ in reference]
     if served == "int8":
         results = continuations(planted_weights, Precision.INT8, forced)
@@ -175,10 +180,10 @@ def test_served_precisions_stay_faithful_with_planted_outliers(planted_weights, 
     assert cosine >= 0.995 and top1 >= 0.98, (served, cosine, top1)
 
 
-def test_per_tensor_int8_misses_that_bar(planted_weights, monkeypatch):
+def test_per_tensor_int8_misses_that_bar(planted_weights, planted_reference, monkeypatch):
     """The test above has teeth: without the fp32 outlier columns (torch.ao's per-tensor int8 as it was
     served before), the planted outliers set the activation scale and the same bar is missed."""
-    reference = continuations(planted_weights, Precision.FP32)
+    reference = planted_reference
     monkeypatch.setattr(precision, "outlier_columns", lambda peaks: torch.empty(0, dtype=torch.long))
     results = continuations(planted_weights, Precision.INT8, [tokens for tokens, _ in reference])
     assert not any(
