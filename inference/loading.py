@@ -113,9 +113,10 @@ def load_weights(
     """Build the model a weights folder describes, with its LoRA merged, ready for inference.
 
     `folder` is a local folder or a Hub repo id (`OWNER/NAME[@REVISION]`), downloaded once into the Hub cache.
-    `precision` (CPU serving) overrides `dtype`: the model is loaded in bf16 (fp32 for FP32), the LoRA
-    merged in that dtype, then int8 layers are made one decoder layer at a time. With `int8_cache`, an
-    int8 language model is quantized once and saved there; later loads of the same sources read it.
+    `precision` (CPU serving) overrides `dtype`: the model is loaded in `precision.load_dtype` (int8: the
+    checkpoint's own), the LoRA merged in that dtype, then int8 layers are made one decoder layer at a
+    time. An int8 model published in the folder's `int8/` is loaded instead when it was made from these
+    weights; else, with `int8_cache`, it is quantized once and saved there, and later loads read it.
     """
     if precision is not None:
         dtype = precision.load_dtype

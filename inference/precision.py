@@ -10,8 +10,9 @@ first token and "\n") would set that scale for everything else, so the input col
 found by running a calibration prompt through the model while it is converted, are multiplied in fp32
 beside the int8 product (LLM.int8()'s decomposition; `OutlierInt8Linear`).
 
-Quantization runs one decoder layer at a time from the bf16 model (LoRA already merged), so the
-whole-model fp32 copy that a one-shot `quantize_dynamic(model)` needs is never made.
+Quantization runs one decoder layer at a time from the model as the checkpoint stores it (phi-2: fp16;
+LoRA already merged), so the whole-model fp32 copy that a one-shot `quantize_dynamic(model)` needs is
+never made.
 """
 
 from __future__ import annotations

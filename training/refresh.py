@@ -124,8 +124,8 @@ def estimate(work: Work, stage: str) -> tuple[float | None, float | None, float]
         seconds, memory, disk = pretrain_estimate(work)
     elif stage == "push":  # at about 20 MB/s
         seconds = sum(rates.get("disk_gb", {}).values()) * 1000 / 20
-    else:  # merging and exporting, on the CPU: minutes at phi-2's size
-        seconds = 5.0 if work.shapes else 120.0
+    else:  # merging (and quantizing to int8) or exporting, on the CPU: minutes at phi-2's size
+        seconds = 5.0 if work.shapes else 240.0 if stage == "weights" else 120.0
     return seconds, memory, disk
 
 
