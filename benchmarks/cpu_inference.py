@@ -19,9 +19,12 @@ that match the original's, ratios to the original method and to the memory-bandw
 in the same run, teacher-forced agreement with fp32 (minimum logit cosine over the answer positions
 that do not read an outlier-carrying token), the winner by the serving rule (the fastest whole answer
 at minimum cosine ≥ 0.99), TinyCLIP's encode time, Whisper's time for a 10 s question, and what
-reusing the KV cache saves on a follow-up question. The CPU and its instruction sets are printed.
+reusing the KV cache saves on a follow-up question. Then each backend's app (`Assistant.from_weights`)
+starts twice in fresh processes: the first start makes what it serves and saves it (int8 model, GGUF
+export), the second loads it; time and peak RSS of each, and the first answer's first token. The CPU
+and its instruction sets are printed.
 
-    python benchmarks/cpu_inference.py            # phi-2: about 35 min
+    python benchmarks/cpu_inference.py            # phi-2: about 45 min
     python benchmarks/cpu_inference.py --small    # a 0.16B model of the same structure, a few minutes
 
 The table is printed and written to benchmarks/RESULTS.md (replacing the previous run of the same mode).

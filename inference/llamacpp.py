@@ -255,7 +255,7 @@ def next_token(logits: np.ndarray, generated: list[int], options: GenerationOpti
 
 
 GGUF_CACHE = SERVING_CACHE / "gguf"  # exports made at startup, one folder per weights
-SERVED_KIND = "q8_0"  # the benchmark's winner: benchmarks/RESULTS.md
+SERVED_KIND = "q8_0"  # the GGUF type that stays faithful in benchmarks/RESULTS.md (Q4_K_M does not)
 
 
 def load_llamacpp(
