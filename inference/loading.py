@@ -36,7 +36,7 @@ from inference.config import Manifest, ManifestError, ProjectorConfig, Projector
 from inference.hub import error_reason, resolve_weights
 from inference.int8_files import INT8_DIR, load_int8, save_int8, saved_source
 from inference.model import MultimodalPhi
-from inference.precision import QUANTIZER_VERSION, Precision, apply_precision, returning_freed_memory
+from inference.precision import QUANTIZER_VERSION, Precision, quantize_int8, returning_freed_memory
 from inference.projector import PROJECTOR_FILE, build_projector, load_projector, save_projector
 from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
 from inference.vision import VisionTower
@@ -134,9 +134,9 @@ def load_weights(
             language_model = pretrained(dtype)(reference)
             if manifest.adapter:
                 language_model = merge_adapter(language_model, adapter)
-            if precision is not None:
+            if precision is Precision.INT8:  # bf16 and fp32 serve as loaded
                 ids = calibration_ids(AutoTokenizer.from_pretrained(reference), manifest.template)
-                language_model = apply_precision(language_model, precision, ids)
+                language_model = quantize_int8(language_model, ids)
         if saved is not None:
             save_int8(language_model, saved)
             for other in saved.parent.iterdir():  # the cache keeps the latest int8 model only

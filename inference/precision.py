@@ -266,8 +266,3 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no .model.layers to quantize layer by layer")
     return layers
-
-
-def apply_precision(model: nn.Module, precision: Precision, calibration_ids: Sequence[int]) -> nn.Module:
-    """A language model loaded in `precision.load_dtype` → ready to serve in `precision` (int8: calibrated on ids)."""
-    return quantize_int8(model, calibration_ids) if precision is Precision.INT8 else model

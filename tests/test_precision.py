@@ -218,7 +218,7 @@ def refuse_to_quantize(monkeypatch) -> None:
     def refuse(*args):
         raise AssertionError("quantized again")
 
-    monkeypatch.setattr(loading, "apply_precision", refuse)
+    monkeypatch.setattr(loading, "quantize_int8", refuse)
 
 
 def same_logits(a, b) -> bool:
