@@ -18,7 +18,7 @@ from inference.prompt import IGNORE_INDEX
 from inference.tiny import build_weights_folder
 from tests.kit import make_shape_image, pixels, prompt_ids, run_killed, with_phi2_dropout
 from training import evaluate, merge_adapter, prepare_instruct, stage2_instruct
-from training.data import Collator, load_examples
+from training.data import Collator, Example, load_examples
 from training.optim import resolve_precision
 from training.shapes import warm_up_language_model
 from training.stage2_instruct import Stage2Config
@@ -120,6 +120,8 @@ def test_a_budget_in_positions_keeps_whole_answers_or_drops_and_counts(instruct_
     assert [len(e.conversation.turns) for e in kept] == [1, 1]  # the second turn went whole
     labels = tight(kept)["labels"][0]
     assert labels[-1] == bpe_tokenizer.eos_token_id  # the kept answer ends with its end token
+    rendered_again = tight([Example(e.id, e.conversation, e.image) for e in kept])  # fit's rendering is reused
+    assert tight(kept)["input_ids"] == rendered_again["input_ids"] and tight(kept)["labels"] == rendered_again["labels"]
     assert Collator(bpe_tokenizer, TemplateName.PHI2_CHAT, first_length - 1, 49, 224).fit([example], "eval") == []
     report = capsys.readouterr().out
     assert "train: 2 conversations cut to their first whole turns and 0 dropped" in report

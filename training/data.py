@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +33,15 @@ class Example:
     id: str
     conversation: Conversation
     image: str | None  # path relative to the image folder (and the key in the feature cache)
+
+
+@dataclass(frozen=True)
+class FittedExample(Example):
+    """An example as `Collator.fit` kept it, with its rendering (int32, so a large data set stays small in
+    memory): a training run renders each conversation once, not once per epoch."""
+
+    input_ids: np.ndarray = field(default=None, compare=False, repr=False)
+    labels: np.ndarray = field(default=None, compare=False, repr=False)
 
 
 def load_examples(path: str | Path) -> tuple[list[Example], Counter]:
@@ -131,8 +141,8 @@ class Collator:
             self.template, conversation, self.tokenizer, add_generation_prompt, image_tokens=self.image_tokens
         )
 
-    def fit(self, examples: list[Example], label: str) -> list[Example]:
-        """The examples within `max_length`, each whole answer ending with its end token.
+    def fit(self, examples: list[Example], label: str) -> list[FittedExample]:
+        """The examples within `max_length`, each whole answer ending with its end token, with their rendering.
 
         A longer conversation keeps its first turns that fit (never half an answer); one whose first turn
         does not fit is dropped. Both are counted and reported.
@@ -141,17 +151,19 @@ class Collator:
         for example in tqdm(examples, desc=f"{label}: lengths", unit="example", disable=len(examples) < 20_000):
             conversation = example.conversation
             turns = len(conversation.turns)
-            while turns and len(self.render(replace(conversation, turns=conversation.turns[:turns])).input_ids) > (
-                self.max_length
-            ):
+            rendered = self.render(conversation)
+            while turns and len(rendered.input_ids) > self.max_length:
                 turns -= 1
+                if turns:
+                    rendered = self.render(replace(conversation, turns=conversation.turns[:turns]))
             if turns == 0:
                 dropped += 1
-            elif turns < len(conversation.turns):
+                continue
+            if turns < len(conversation.turns):
                 trimmed += 1
-                kept.append(replace(example, conversation=replace(conversation, turns=conversation.turns[:turns])))
-            else:
-                kept.append(example)
+                conversation = replace(conversation, turns=conversation.turns[:turns])
+            ids, labels = (np.array(values, dtype=np.int32) for values in (rendered.input_ids, rendered.labels))
+            kept.append(FittedExample(example.id, conversation, example.image, ids, labels))
         if trimmed or dropped:
             tqdm.write(
                 f"{label}: {trimmed} conversations cut to their first whole turns and {dropped} dropped "
@@ -162,7 +174,10 @@ class Collator:
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
         input_ids, labels = [], []
         for example in examples:
-            rendered = self.render(example.conversation)
+            if isinstance(example, FittedExample):
+                rendered = Rendered(example.input_ids.tolist(), example.labels.tolist())
+            else:
+                rendered = self.render(example.conversation)
             if len(rendered.input_ids) > self.max_length:
                 raise ValueError(
                     f"example {example.id} has {len(rendered.input_ids)} positions, over max_length "
