@@ -59,7 +59,7 @@ class Work:
 
     @property
     def shape_settings(self) -> dict[str, int]:
-        defaults = {"train_images": 720, "held_out_images": 90, "warm_up_steps": 400, "clip_width": 64}
+        defaults = {"train_images": 2160, "held_out_images": 90, "warm_up_steps": 400, "clip_width": 64}
         return defaults | (SMOKE_SHAPES if self.smoke else self.recipe.shapes)
 
     @property
