@@ -49,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from inference.measuring import RESULTS, cpu_description, write_section  # noqa: E402
 from inference.shapes import PHI_SHAPES, TINYCLIP_61M, WHISPER_SHAPES  # noqa: E402
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
@@ -58,7 +59,6 @@ TORCH_METHODS = ("original", "fp32", "bf16", "int8")
 LLAMA_CPP_METHODS = ("llama.cpp-q8_0", "llama.cpp-q4_k_m")
 METHODS = TORCH_METHODS + LLAMA_CPP_METHODS
 MIN_COSINE = 0.99  # the int8 issue's rule: the fastest whole answer at least this faithful to fp32 wins
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 # ---------------------------------------------------------------- checkpoints (parent process)
@@ -445,20 +445,6 @@ def winner(results: dict[str, dict], scores) -> str | None:
     return min(faithful, key=lambda method: results[method]["total_s"]) if faithful else None
 
 
-def cpu_description() -> str:
-    """The CPU's model name and the instruction sets that matter for int8 and bf16 matrix products."""
-    model, flags = "unknown CPU", set()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
-    present = [flag for flag in wanted if flag in flags]
-    return f"{model} ({', '.join(present) or 'no AVX2'})"
-
-
 def report(results: dict[str, dict], bandwidth: float, size: str, threads: int, seconds: float, scores, notes) -> str:
     original = results["original"]
     lines = [
@@ -540,14 +526,6 @@ def report(results: dict[str, dict], bandwidth: float, size: str, threads: int, 
     return "\n".join(lines)
 
 
-def write_results(table: str, size: str, path: Path = RESULTS) -> None:
-    marker = f"### CPU inference, {size} shape"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    sections = text.split("\n### ")
-    kept = [sections[0], *(f"### {s}" for s in sections[1:] if not f"### {s}".startswith(marker))]
-    path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + table)
-
-
 def llama_cpp_problem() -> str | None:
     """Why llama.cpp cannot be measured here, or None when it can."""
     try:
@@ -622,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
                 notes.setdefault("app", {}).setdefault(backend, {})[name] = json.loads(done.stdout.splitlines()[-1])
     table = report(results, bandwidth, size, args.threads, time.perf_counter() - started, scores, notes)
     print(table)
-    write_results(table, size, args.results)
+    write_section(table, f"### CPU inference, {size} shape", args.results)
     return results
 
 

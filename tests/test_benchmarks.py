@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from benchmarks import cpu_inference
+from inference.measuring import write_section
 
 
 def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
@@ -23,6 +24,6 @@ def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
     assert rows == methods
     assert re.search(r"^\| torch \| [\d.]+ s \| .* \| [\d.]+ s \|", text, flags=re.M)  # the app started twice
     assert "outliers planted through the weights" in text and "Fastest whole answer at logit cosine" in text
-    cpu_inference.write_results("### CPU inference, small shape (again)\n", "small", results_file)
+    write_section("### CPU inference, small shape (again)\n", "### CPU inference, small shape", results_file)
     rewritten = results_file.read_text()
     assert rewritten.count("### CPU inference") == 1 and "(again)" in rewritten and "kept" in rewritten

@@ -1,0 +1,52 @@
+"""What every measurement carries: the CPU it ran on, and the results file it is written to.
+
+Results on a CPU depend on its class: torch (ATen), MKL and oneDNN each pick their kernels from the
+instruction sets they find, and different kernels round differently. A newer CPU runs an older class's
+kernels when all three are told so (`AVX2_KERNELS`); ATen's setting alone leaves MKL's and oneDNN's
+choices, which move training results most, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+# Instruction sets that decide which matrix kernels run: AVX2 (AMD EPYC as CPU Basic and CI may get),
+# AVX-512 and VNNI (Intel Xeon), bf16 and AMX (Sapphire Rapids and later).
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+# The environment that makes torch, MKL and oneDNN use their AVX2 kernels on an AVX-512 machine.
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    model, flags = "unknown CPU", set()
+    try:
+        with open(cpuinfo) as lines:
+            for line in lines:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, the instruction sets that matter for matrix kernels, and any kernel limits set
+    in the environment, e.g. "AMD EPYC 7R13 Processor (avx2)"."""
+    model, flags = cpu_model_and_flags(cpuinfo)
+    present = [flag for flag in FLAGS if flag in flags]
+    limits = [f"{name}={os.environ[name]}" for name in AVX2_KERNELS if os.environ.get(name)]
+    described = f"{model} ({', '.join(present) or 'no AVX2'})"
+    return described + (f", kernels limited by {' '.join(limits)}" if limits else "")
+
+
+def write_section(text: str, heading: str, path: Path = RESULTS) -> None:
+    """Write `text` (a markdown section) to `path` in place of the section whose heading starts with `heading`
+    (a benchmark's previous run of the same kind); the file's other sections are kept."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    sections = old.split("\n### ")
+    kept = [sections[0], *(f"### {s}" for s in sections[1:] if not f"### {s}".startswith(heading))]
+    path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + text)
