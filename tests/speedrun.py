@@ -1,5 +1,5 @@
-"""The tiny recipe's checks: accuracy per kind of held-out question, before and after training, and
-llama.cpp's agreement with PyTorch on the trained weights.
+"""The tiny recipe's checks: accuracy of the untrained models (what training starts from), llama.cpp's
+agreement with PyTorch on the trained weights, and the accuracy table the test prints.
 
 The run itself is the conductor: `python -m training.refresh --recipe training/recipes/tiny.yaml
 --workdir OUT` (data, stand-in models, features, stage 1, stage 2, evaluation, merged weights, GGUF).
@@ -8,7 +8,6 @@ The run itself is the conductor: `python -m training.refresh --recipe training/r
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,32 +20,23 @@ from inference.precision import Precision
 from inference.prompt import Conversation, Turn, render
 from inference.vision import pixel_values
 from training import evaluate
-from training.shapes import QUESTIONS, language_texts, scenes
-
-KIND_OF_QUESTION = {question: kind for kind, (question, _) in QUESTIONS.items()}
-CHANCE = {"colour": 1 / 3, "position": 1 / 2, "shape": 1 / 3}
+from training.shapes import CHANCE, QUESTIONS, accuracy_by_kind, language_texts, scenes
 
 
-def accuracy_by_kind(report: dict) -> dict[str, float]:
-    hits = defaultdict(list)
-    for answer in report["answers"]:
-        hits[KIND_OF_QUESTION[answer["question"]]].append(answer["exact"])
-    return {kind: sum(values) / len(values) for kind, values in sorted(hits.items())}
-
-
-def untrained_accuracy(out: Path, seed: int = 0) -> dict[str, float]:
-    """The run's own base models with a fresh projector and no adapter: what training starts from."""
+def untrained_accuracy(workdir: Path, seed: int = 0) -> dict[str, float]:
+    """What training starts from: the run's own base models in `workdir` (a tiny refresh's workdir) with a
+    fresh projector and no adapter, asked the held-out questions."""
     untrained = tiny.build_weights_folder(
-        out / "untrained",
-        out / "models" / "phi",
-        out / "models" / "clip",
+        workdir / "untrained",
+        workdir / "models" / "phi",
+        workdir / "models" / "clip",
         ProjectorType.MLP2X_GELU,
         adapter=False,
         seed=seed,
         feature_layer=-2,
     )
-    held_out = out / "data" / "llava" / "instruct_val.json"
-    return accuracy_by_kind(evaluate.evaluate(untrained, held_out, out / "data" / "shapes", max_new_tokens=6))
+    held_out = workdir / "data" / "llava" / "instruct_val.json"
+    return accuracy_by_kind(evaluate.evaluate(untrained, held_out, workdir / "data" / "shapes", max_new_tokens=6))
 
 
 def llama_cpp_agreement(out: Path, questions: int = 10, tokens: int = 8) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +208,20 @@ def pope_questions(root: Path, held_out: list[Scene], seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+# ---------------------------------------------------------------- scoring a run of the tiny recipe
+
+KIND_OF_QUESTION = {question: kind for kind, (question, _) in QUESTIONS.items()}
+CHANCE = {"colour": 1 / 3, "position": 1 / 2, "shape": 1 / 3}
+# What tests/test_pipeline_learns.py requires of a trained run, whatever the seed and CPU; every run of
+# benchmarks/learning_cpu_classes.py clears it by a margin (README "Watch it learn on a CPU").
+LEARNING_BARS = {"colour": 0.9, "position": 0.9, "shape": 0.8}
+
+
+def accuracy_by_kind(report: dict) -> dict[str, float]:
+    """Exact-answer accuracy per kind of question in an evaluation report (`training.evaluate`'s JSON)."""
+    hits = defaultdict(list)
+    for answer in report["answers"]:
+        hits[KIND_OF_QUESTION[answer["question"]]].append(answer["exact"])
+    return {kind: sum(values) / len(values) for kind, values in sorted(hits.items())}
