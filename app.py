@@ -14,13 +14,9 @@ by one `inference.Assistant`.
 from __future__ import annotations
 
 import argparse
-import atexit
-import hashlib
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -29,15 +25,13 @@ from pathlib import Path
 import gradio as gr
 
 from inference import Assistant, GenerationOptions, InputError
+from inference.backends import Backend
 from inference.cli import ArgumentParser, UsageError, command
 from inference.config import ManifestError
-from inference.original import original_weights
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
-from inference.threads import set_threads
+from inference.vision import ImageError, image_key, load_image
 
-BACKENDS = ["torch", "llama.cpp"]
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights"  # what training writes for the Space to serve
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
 EXAMPLES = [
     [str(EXAMPLES_DIR / "grace_hopper.jpg"), "Describe this photo. What is the person wearing?"],
@@ -62,16 +56,19 @@ STOP_RECORDING_JS = "() => setTimeout(() => document.querySelector('#audio butto
 class Exchange:
     question: str
     answer: str
-    image: str  # which image it was about: a hash of the file's bytes
+    image: str  # which image it was about: its pixels' key (inference.vision.image_key)
     spoken: bool = False  # the question came from the microphone or an audio file
 
 
-def image_key(image: str | None) -> str:
-    """Identifies an uploaded image by content, so the same picture uploaded again continues the chat."""
+def upload_key(image: str | None) -> str:
+    """Identifies an uploaded image by its pixels, as the assistant's caches do, so the same picture uploaded
+    again continues the chat; "" when there is none or it cannot be read (the assistant says why)."""
     if image is None or not Path(image).is_file():
         return ""
-    with open(image, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+    try:
+        return image_key(load_image(image))
+    except ImageError:
+        return ""
 
 
 def same_conversation(exchanges: list[Exchange], key: str) -> list[Exchange]:
@@ -97,7 +94,7 @@ def respond(
     options: GenerationOptions | None = None,
 ) -> Iterator[tuple[list[dict[str, str]], list[Exchange]]]:
     """Stream (chat messages, conversation) as the answer grows; a user's mistake becomes a readable error."""
-    key = image_key(image)
+    key = upload_key(image)
     exchanges = same_conversation(exchanges, key)
     history = [(exchange.question, exchange.answer) for exchange in exchanges]
     try:
@@ -148,8 +145,7 @@ def header(assistant: Assistant, demo_mode: bool) -> str:
         f"Upload an image, then type or record a question. Weights **{manifest.name}**: "
         f"`{manifest.vision_model}` → {manifest.projector.type.value} projector → `{manifest.language_model}`"
         + (" + LoRA (merged)" if manifest.adapter else "")
-        + (f", {assistant.precision.value} on the CPU" if assistant.precision else "")
-        + (", llama.cpp" if assistant.backend == "llama.cpp" else ""),
+        + f", {assistant.backend.describe()} on the CPU",
     ]
     if demo_mode:
         lines.append(f"> {DEMO_BANNER}")
@@ -205,7 +201,7 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
             remove_upload(audio)  # answered: the question is in the chat as text, the recording is not needed
 
         def answer_again(image, exchanges, *settings):
-            exchanges = same_conversation(exchanges, image_key(image))
+            exchanges = same_conversation(exchanges, upload_key(image))
             if not exchanges:
                 raise gr.Error("There is no answer to retry yet.", print_exception=False)
             last = exchanges[-1]
@@ -253,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=BACKENDS,
-        default=env("BACKEND", "torch"),
+        choices=[backend.value for backend in Backend],
+        default=env("BACKEND", Backend.TORCH.value),
         help="where the language model runs (env BACKEND): torch (in --precision; int8, the fastest faithful "
         "one in benchmarks/cpu_inference.py) or llama.cpp (Q8_0)",
     )
@@ -289,40 +285,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def choose_weights(reference: str | None) -> str | Path:
-    """What to serve: the given folder or Hub id; else weights/ once trained; else the original checkpoint."""
-    if reference:
-        return reference
-    if (DEFAULT_WEIGHTS / "manifest.json").is_file():
-        return DEFAULT_WEIGHTS
-    print("weights/ holds no trained weights: serving the original project's checkpoint", flush=True)
-    return original_weights()
-
-
 def load_assistant(args: argparse.Namespace) -> Assistant:
     """The assistant the arguments ask for; exits with what to do when there are no usable weights."""
-    set_threads()  # before loading: quantization at load uses the same pool
     started = time.perf_counter()
-    if args.demo:
-        from inference.tiny import build_demo_weights
-
-        folder = Path(tempfile.mkdtemp(prefix="vqa-demo-"))
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
-        weights, whisper = build_demo_weights(folder)
-        assistant = Assistant.from_weights(
-            weights, str(whisper), args.precision, args.backend, args.gguf, cache=folder / "cache"
+    try:
+        assistant = Assistant.load(
+            args.weights,
+            demo=args.demo,
+            whisper_model=args.whisper,
+            backend=args.backend,
+            precision=args.precision,
+            gguf=args.gguf,
         )
-    else:
-        try:
-            weights = choose_weights(args.weights)
-            assistant = Assistant.from_weights(weights, args.whisper, args.precision, args.backend, args.gguf)
-        except ManifestError as error:
-            raise UsageError(
-                f"cannot start: {error}. Train weights (README, training/) into weights/, pass --weights with a "
-                "folder or Hub repo id, or run with --demo to try the interface on tiny random models"
-            ) from None
-    served = "llama.cpp" if args.backend == "llama.cpp" else args.precision
-    print(f"Loaded {assistant.manifest.name} ({served}) in {time.perf_counter() - started:.1f} s", flush=True)
+    except ManifestError as error:
+        raise UsageError(
+            f"cannot start: {error}. Train weights (README, training/) into weights/, pass --weights with a "
+            "folder or Hub repo id, or run with --demo to try the interface on tiny random models"
+        ) from None
+    took = time.perf_counter() - started
+    print(f"Loaded {assistant.manifest.name} ({assistant.backend.describe()}) in {took:.1f} s", flush=True)
     return assistant
 
 

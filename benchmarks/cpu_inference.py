@@ -19,7 +19,7 @@ that match the original's, ratios to the original method and to the memory-bandw
 in the same run, teacher-forced agreement with fp32 (minimum logit cosine over the answer positions
 that do not read an outlier-carrying token), the winner by the serving rule (the fastest whole answer
 at minimum cosine ≥ 0.99), TinyCLIP's encode time, Whisper's time for a 10 s question, and what
-reusing the KV cache saves on a follow-up question. Then each backend's app (`Assistant.from_weights`)
+reusing the KV cache saves on a follow-up question. Then each backend's app (`Assistant.load`)
 starts twice in fresh processes: the first start makes what it serves and saves it (int8 model, GGUF
 export), the second loads it; time and peak RSS of each, and the first answer's first token. The CPU
 and its instruction sets are printed.
@@ -49,8 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from inference.backends import Backend  # noqa: E402
 from inference.measuring import RESULTS, cpu_description, write_section  # noqa: E402
-from inference.shapes import PHI_SHAPES, TINYCLIP_61M, WHISPER_SHAPES  # noqa: E402
+from inference.shapes import GPT2_EOS_ID, PHI_LORA_MODULES, PHI_SHAPES, TINYCLIP_61M, WHISPER_SHAPES  # noqa: E402
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
 TEXT_TOKENS = 40
@@ -74,10 +75,10 @@ def build_checkpoints(folder: Path, size: str) -> Path:
     from inference.loading import new_manifest, save_weights
     from inference.projector import build_projector
     from inference.standins import plant_outliers
-    from inference.tiny import PHI_LORA_TARGETS, build_gpt2_tokenizer
+    from inference.tiny import build_gpt2_tokenizer
 
     torch.manual_seed(0)
-    config = PHI_SHAPES[size].config(bos_token_id=50256, eos_token_id=50256, dtype="float16")
+    config = PHI_SHAPES[size].config(bos_token_id=GPT2_EOS_ID, eos_token_id=GPT2_EOS_ID, dtype="float16")
     with torch.device("meta"):
         model = PhiForCausalLM(config).to(torch.float16)
     model.to_empty(device="cpu")
@@ -94,7 +95,7 @@ def build_checkpoints(folder: Path, size: str) -> Path:
     shard = 5_000_000_000 if size == "phi-2" else sum(p.numel() * 2 for p in model.parameters()) * 3 // 4
     model.save_pretrained(folder / "phi", max_shard_size=shard)
     tokenizer.save_pretrained(folder / "phi")
-    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PHI_LORA_TARGETS))
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=PHI_LORA_MODULES))
     with torch.no_grad():  # a trained adapter's size: peft starts B at zero, training moves it a little
         for name, parameter in lora.named_parameters():
             if "lora_B" in name:
@@ -364,7 +365,7 @@ def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
     """The language model alone in llama.cpp, on the same prompt and image embeddings as the torch methods."""
     from transformers import AutoTokenizer
 
-    from inference.llamacpp import LlamaCpp
+    from inference.backends.llamacpp import LlamaCpp
 
     path = folder / f"{method.removeprefix('llama.cpp-')}.gguf"
     start = time.perf_counter()
@@ -389,22 +390,25 @@ def run_llama_cpp(method: str, folder: Path, threads: int) -> dict:
     return result | speeds(start, times) | {"tokens": tokens, "generate_peak": rss.peak}
 
 
-APP_BACKENDS = ("llama.cpp", "torch")
+APP_BACKENDS = (Backend.LLAMA_CPP, Backend.TORCH)
 
 
 def run_app_start(folder: Path, threads: int, backend: str) -> dict:
-    """The app's start (Assistant.from_weights as app.py calls it: TinyCLIP, the projector, Whisper and
+    """The app's start (`Assistant.load`, as app.py calls it: TinyCLIP, the projector, Whisper and
     the language model; llama.cpp: exported to Q8_0 once into the cache; torch: int8, quantized once
     and saved into the cache), and its first answer's first token."""
-    torch.set_num_threads(threads)
     from PIL import Image
 
     from inference.assistant import Assistant
     from inference.config import GenerationOptions
 
     start = time.perf_counter()
-    assistant = Assistant.from_weights(
-        folder / "weights", str(folder / "whisper.pt"), backend=backend, cache=folder / "app-cache"
+    assistant = Assistant.load(
+        folder / "weights",
+        whisper_model=str(folder / "whisper.pt"),
+        backend=backend,
+        cache=folder / "app-cache",
+        threads=threads,
     )
     result = {"start_s": time.perf_counter() - start, "start_peak": peak_rss()}
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
@@ -494,7 +498,7 @@ def report(results: dict[str, dict], bandwidth: float, size: str, threads: int, 
     if "app" in notes:
         lines += [
             "",
-            "The app's start from these fp16 shards (Assistant.from_weights as app.py calls it: TinyCLIP, the "
+            "The app's start from these fp16 shards (Assistant.load, as app.py calls it: TinyCLIP, the "
             "projector, whisper base.en and the language model), each in a fresh process: the first start makes what "
             "the backend serves and keeps it in its cache (llama.cpp: the Q8_0 export; torch: the int8 model), the "
             "second loads it; then the first answer's first token (a 640×480 image encoded, one token).",

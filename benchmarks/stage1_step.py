@@ -27,7 +27,7 @@ from inference.config import ProjectorConfig, ProjectorType
 from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from inference.shapes import PHI_SHAPES, TINYCLIP_61M
+from inference.shapes import GPT2_EOS_ID, PHI_SHAPES, TINYCLIP_61M
 from inference.vision import VisionTower, preprocess
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
@@ -40,7 +40,7 @@ def build(size: str) -> MultimodalPhi:
     language_model = PhiForCausalLM(PHI_SHAPES[size].config()).requires_grad_(False)
     tower = VisionTower(CLIPVisionModel(TINYCLIP_61M.config()), feature_layer=-2)
     config = ProjectorConfig(ProjectorType.LINEAR, tower.width, language_model.config.hidden_size)
-    return MultimodalPhi(tower, build_projector(config), language_model, eos_token_id=50256).train()
+    return MultimodalPhi(tower, build_projector(config), language_model, eos_token_id=GPT2_EOS_ID).train()
 
 
 def per_token_loop(model: MultimodalPhi, images, captions: torch.Tensor) -> None:

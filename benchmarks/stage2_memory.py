@@ -28,7 +28,7 @@ from inference.config import ProjectorConfig, ProjectorType  # noqa: E402
 from inference.model import MultimodalPhi  # noqa: E402
 from inference.projector import build_projector  # noqa: E402
 from inference.prompt import IMAGE_PLACEHOLDER_ID  # noqa: E402
-from inference.shapes import PHI_SHAPES, TINYCLIP_61M  # noqa: E402
+from inference.shapes import GPT2_EOS_ID, PHI_SHAPES, TINYCLIP_61M  # noqa: E402
 from inference.vision import VisionTower  # noqa: E402
 from training.optim import resolve_precision  # noqa: E402
 from training.stage2_instruct import Stage2Config, load_language_model  # noqa: E402
@@ -48,7 +48,7 @@ def measure(folder: Path, checkpointing: bool, steps: int, device: torch.device)
     tower = VisionTower(CLIPVisionModel(TINYCLIP_61M.config()), feature_layer=-2).to(device)
     width = language_model.config.hidden_size
     projector = build_projector(ProjectorConfig(ProjectorType.MLP2X_GELU, TINYCLIP_61M.hidden_size, width))
-    model = MultimodalPhi(tower, projector.to(device), language_model, eos_token_id=50256).train()
+    model = MultimodalPhi(tower, projector.to(device), language_model, eos_token_id=GPT2_EOS_ID).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     image = [IMAGE_PLACEHOLDER_ID] * TINYCLIP_61M.num_patches

@@ -6,32 +6,31 @@ pixels (once per conversation), and the generated tokens into growing text on a 
 
 from __future__ import annotations
 
-import hashlib
+import atexit
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
+from inference.backends import Backend, ServingBackend, load_backend
 from inference.config import GenerationOptions, Manifest
-from inference.loading import SERVING_CACHE, load_weights
-from inference.model import MultimodalPhi, PrefixCache
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
+from inference.serving_cache import SERVING_CACHE
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
-from inference.vision import ImageError, load_image, pixel_values, to_rgb
-
-if TYPE_CHECKING:
-    from inference.llamacpp import LlamaCppModel
+from inference.vision import ImageError, image_key, load_image, pixel_values, to_rgb
 
 MAX_QUESTION_CHARS = 2000  # longer questions are refused before tokenising
 IMAGE_CACHE_SIZE = 8  # image embeddings kept, so each conversation's image is encoded once
-PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (each ≤ 2048 positions)
+# What `Assistant.load` serves when given no weights: what training writes for the Space, once it is there.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
 class InputError(ValueError):
@@ -48,55 +47,55 @@ class Reply:
 
 class Assistant:
     def __init__(
-        self,
-        model: MultimodalPhi | LlamaCppModel,
-        tokenizer,
-        manifest: Manifest,
-        transcriber: Transcriber | None = None,
-        precision: Precision | None = None,  # how the model was loaded, when known (shown by the app)
-        backend: str = "torch",  # shown by the app
+        self, backend: ServingBackend, tokenizer, manifest: Manifest, transcriber: Transcriber | None = None
     ) -> None:
-        self.model = model.eval()
+        self.backend = backend
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.transcriber = transcriber
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.prefixes = PrefixCache(PREFIX_CACHES)  # follow-up turns reuse the KV cache of earlier ones
-        self.precision = precision
-        self.backend = backend
         self._lock = threading.Lock()
 
     @classmethod
-    def from_weights(
+    def load(
         cls,
-        weights: str | Path,
+        weights: str | Path | None = None,
+        *,
+        demo: bool = False,
         whisper_model: str | None = DEFAULT_WHISPER,
-        precision: Precision = DEFAULT_PRECISION,
-        backend: str = "torch",
+        backend: Backend | str = Backend.TORCH,
+        precision: Precision | str = DEFAULT_PRECISION,
         gguf: str | Path | None = None,
         cache: Path = SERVING_CACHE,
+        threads: int | None = None,
     ) -> Assistant:
-        """Load a weights folder (or Hub id) and a whisper model unless `whisper_model` is None.
-
-        The language model runs in PyTorch in `precision` (backend "torch"; int8 is quantized at the
-        first start and saved under `cache`/int8, later starts load it), or in llama.cpp (backend
-        "llama.cpp": the GGUF file in `gguf`, or exported from the weights once into `cache`/gguf;
-        `inference.llamacpp`). `cache` is by default a folder in the Hub cache.
+        """What the app serves, for any caller: the weights folder or Hub id in `weights`; without one,
+        `DEFAULT_WEIGHTS` once trained, else the original project's checkpoint (imported once); with `demo`,
+        tiny random models built here. Whisper `whisper_model` transcribes speech (None: typed questions
+        only). `backend`, `precision`, `gguf` and `cache` choose how the language model runs
+        (`inference.backends.load_backend`). Threads: `threads`, else the CPU quota of this container
+        (`inference.threads`), set before loading, since int8 quantizes at load with the same pool.
         """
-        if backend == "llama.cpp":
-            from inference.llamacpp import load_llamacpp
+        from inference.threads import set_threads
 
-            loaded = load_llamacpp(weights, gguf, torch.get_num_threads(), cache / "gguf")
-            precision = None
+        if threads is None:
+            threads = set_threads()
         else:
-            precision = Precision(precision)
-            loaded = load_weights(weights, precision=precision, int8_cache=cache / "int8")
+            torch.set_num_threads(threads)
+        if demo:
+            from inference.tiny import build_demo_weights
+
+            folder = Path(tempfile.mkdtemp(prefix="vqa-demo-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
+            weights, whisper_path = build_demo_weights(folder)
+            whisper_model, cache = str(whisper_path), folder / "cache"
+        loaded = load_backend(choose_weights(weights), backend, precision, gguf, threads, cache)
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
-        return cls(loaded.model, loaded.tokenizer, loaded.manifest, transcriber, precision, backend)
+        return cls(loaded.backend, loaded.tokenizer, loaded.manifest, transcriber)
 
     @property
     def max_positions(self) -> int:
-        return self.model.max_positions
+        return self.backend.max_positions
 
     def chat(
         self,
@@ -143,7 +142,7 @@ class Assistant:
 
         def run() -> None:
             try:
-                self.model.generate(input_ids, image_embeds, options, streamer, stop, self.prefixes, image_key)
+                self.backend.generate(input_ids, image_embeds, options, streamer, stop, image_key)
             except BaseException as error:
                 errors.append(error)
                 streamer.end()
@@ -169,13 +168,13 @@ class Assistant:
             image = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
         except ImageError as error:
             raise InputError(f"The image could not be used: {error}.") from error
-        key = hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest() + str(image.size)
+        key = image_key(image)
         with self._lock:
             if key in self._image_cache:
                 self._image_cache.move_to_end(key)
                 return key, self._image_cache[key]
         with torch.no_grad():
-            embeds = self.model.encode_images(pixel_values([image], self.model.vision_tower.image_size))
+            embeds = self.backend.encode_images(pixel_values([image], self.backend.image_size))
         with self._lock:
             self._image_cache[key] = embeds
             while len(self._image_cache) > IMAGE_CACHE_SIZE:
@@ -210,3 +209,15 @@ class Assistant:
             f"The question is too long: with a {options.max_new_tokens}-token answer it does not fit the "
             f"model's {self.max_positions}-token context. Shorten it or lower the answer length."
         )
+
+
+def choose_weights(reference: str | Path | None) -> str | Path:
+    """What to serve: the given folder or Hub id; else `DEFAULT_WEIGHTS` once trained; else the original checkpoint."""
+    if reference:
+        return reference
+    if (DEFAULT_WEIGHTS / "manifest.json").is_file():
+        return DEFAULT_WEIGHTS
+    from inference.original import original_weights
+
+    print("weights/ holds no trained weights: serving the original project's checkpoint", flush=True)
+    return original_weights()

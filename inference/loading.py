@@ -9,8 +9,6 @@ how the language model is loaded (the `language_model` argument).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.constants import HF_HOME
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import (
@@ -30,20 +27,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import cached_file
 
 from inference.config import Manifest, ManifestError, ProjectorConfig, ProjectorType, TemplateName
 from inference.hub import error_reason, resolve_weights
-from inference.int8_files import INT8_DIR, load_int8, save_int8, saved_source
+from inference.int8_files import load_int8, save_int8, saved_source
 from inference.model import MultimodalPhi
-from inference.precision import QUANTIZER_VERSION, Precision, quantize_int8, returning_freed_memory
+from inference.precision import Precision, quantize_int8, returning_freed_memory
 from inference.projector import PROJECTOR_FILE, build_projector, load_projector, save_projector
 from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
 from inference.vision import VisionTower
 
 ADAPTER_DIR = "adapter"
-# What serving makes once from a weights folder and keeps: int8 models (`int8/`), GGUF exports (`gguf/`).
-SERVING_CACHE = Path(HF_HOME) / "vqa-assistant"
 # Without a serving precision (training, evaluation), the CPU loads bf16: fp32 phi-2 peaks above a CPU
 # Basic Space's 16 GB while loading. Serving chooses a `Precision` (int8 by default).
 DEFAULT_CPU_DTYPE = torch.bfloat16
@@ -108,15 +102,15 @@ def load_weights(
     dtype: torch.dtype = DEFAULT_CPU_DTYPE,
     device: str = "cpu",
     precision: Precision | None = None,
-    int8_cache: Path | None = None,
+    int8_path: Path | None = None,
 ) -> LoadedWeights:
     """Build the model a weights folder describes, with its LoRA merged, ready for inference.
 
     `folder` is a local folder or a Hub repo id (`OWNER/NAME[@REVISION]`), downloaded once into the Hub cache.
     `precision` (CPU serving) overrides `dtype`: the model is loaded in `precision.load_dtype` (int8: the
     checkpoint's own), the LoRA merged in that dtype, then int8 layers are made one decoder layer at a
-    time. An int8 model published in the folder's `int8/` is loaded instead when it was made from these
-    weights; else, with `int8_cache`, it is quantized once and saved there, and later loads read it.
+    time. With `int8_path` (where this folder's int8 model is kept, `inference.serving_cache.int8_location`)
+    a saved int8 model is loaded from there, or the one made now is saved there for later loads.
     """
     if precision is not None:
         dtype = precision.load_dtype
@@ -125,7 +119,7 @@ def load_weights(
     adapter = folder / ADAPTER_DIR
     if manifest.adapter and not adapter.is_dir():
         raise ManifestError(f"{folder}/manifest.json says there is an adapter, but {adapter} is missing")
-    saved = _saved_int8(folder, manifest, int8_cache) if precision is Precision.INT8 else None
+    saved = int8_path if precision is Precision.INT8 else None
 
     def merged(reference: str) -> PreTrainedModel:
         if saved is not None and saved_source(saved) is not None:
@@ -146,61 +140,6 @@ def load_weights(
 
     model, tokenizer = build_model(manifest, folder, merged)
     return LoadedWeights(model.to(device).eval(), tokenizer, manifest)
-
-
-def _saved_int8(folder: Path, manifest: Manifest, cache: Path | None) -> Path | None:
-    """Where this weights folder's int8 language model is, or is to be saved: the folder's own `int8/`
-    when it was made from these weights (published by training), else a cache entry keyed by the
-    sources (`source_stamp`), the torch version and the quantizer's code; None without a cache."""
-    published = folder / INT8_DIR
-    if saved_source(published) == int8_source(folder, manifest):
-        return published
-    if cache is None:
-        return None
-    return cache / cache_key([*source_stamp(folder, manifest), f"torch {torch.__version__}", QUANTIZER_VERSION])
-
-
-def int8_source(folder: Path, manifest: Manifest) -> str:
-    """What an int8 language model is made from, the same on every machine: the manifest (base model,
-    template, training record), the adapter's bytes, and a base model inside the folder (merged weights)
-    by its files' names and sizes; hashing gigabytes of merged weights at every start is what this avoids."""
-    digest = hashlib.sha256(json.dumps(manifest.to_dict(), sort_keys=True).encode())
-    if manifest.adapter:
-        with open(folder / ADAPTER_DIR / "adapter_model.safetensors", "rb") as file:
-            digest.update(hashlib.file_digest(file, "sha256").digest())
-    base = Path(resolve_model_reference(folder, manifest.language_model))
-    if base.is_dir():
-        digest.update("".join(f"{path.name} {path.stat().st_size}\n" for path in _model_files(base)).encode())
-    return digest.hexdigest()
-
-
-def _model_files(folder: Path) -> list[Path]:
-    """A model folder's config and weights (not its tokenizer, card or reports)."""
-    return [path for path in sorted(folder.iterdir()) if path.suffix == ".safetensors" or path.name == "config.json"]
-
-
-def source_stamp(folder: Path, manifest: Manifest) -> list[str]:
-    """What a serving artefact made from a weights folder (an int8 model, a GGUF export) depends on, without
-    reading gigabytes: the folder's place, manifest and weight files (size and time), and the base language
-    model (a local folder's files, or the Hub snapshot's folder, which is named by its commit)."""
-    stamp = [str(folder.resolve()), json.dumps(manifest.to_dict(), sort_keys=True)]
-    stamp += [_file_stamp(path, folder) for path in sorted(folder.rglob("*.safetensors"))]
-    reference = resolve_model_reference(folder, manifest.language_model)
-    if Path(reference).is_dir():
-        base = Path(reference)
-        stamp += [_file_stamp(path, base) for path in _model_files(base)]
-    else:
-        stamp.append(str(Path(cached_file(reference, "config.json")).parent))  # .../snapshots/<commit>
-    return [*stamp, reference]
-
-
-def cache_key(stamp: list[str]) -> str:
-    return hashlib.sha1("\n".join(stamp).encode(), usedforsecurity=False).hexdigest()[:16]
-
-
-def _file_stamp(path: Path, root: Path) -> str:
-    status = path.stat()
-    return f"{path.relative_to(root)} {status.st_size} {status.st_mtime_ns}"
 
 
 def calibration_ids(tokenizer: PreTrainedTokenizerBase, template: TemplateName) -> list[int]:

@@ -33,6 +33,9 @@ PHI2 = PhiShape(2560, 10240, 32, 32, partial_rotary_factor=0.4, resid_pdrop=0.1)
 PHI15 = PhiShape(2048, 8192, 24, 32, partial_rotary_factor=0.5)
 PHI_SMALL = PhiShape(768, 3072, 12, 12, partial_rotary_factor=0.5)  # phi-1.5's structure at GPT-2-small's size
 PHI_SHAPES = {"phi-2": PHI2, "phi-1.5": PHI15, "small": PHI_SMALL}
+# The linears of phi's attention and MLP, each given a LoRA (the original project's choice, kept).
+PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's vocabulary, which phi-1.5 and phi-2 share
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,9 @@ from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerFas
 from inference.config import ProjectorType, TemplateName
 from inference.loading import new_manifest, save_weights
 from inference.projector import build_projector
-from inference.shapes import PHI2, TINYCLIP_61M, WHISPER_SHAPES
+from inference.shapes import GPT2_EOS_ID, PHI2, PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SHAPES
 
 EOS = "<|endoftext|>"
-GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's (and phi-2's) vocabulary
-PHI_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # the original project's LoRA modules
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -139,7 +137,7 @@ def build_tiny_whisper(path: Path, seed: int = 0) -> Path:
 def random_lora(language_model: PhiForCausalLM, seed: int = 0, rank: int = 4):
     """A peft LoRA on the original project's modules, with random (not zero) B so merging changes outputs."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=8, target_modules=PHI_LORA_TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=8, target_modules=PHI_LORA_MODULES, init_lora_weights=False)
     return get_peft_model(language_model, config)
 
 

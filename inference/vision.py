@@ -6,6 +6,7 @@ with PIL and NumPy so it behaves the same in training and serving.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,12 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     low, high = float(values.min()), float(values.max())
     scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
     return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+
+
+def image_key(image: Image.Image) -> str:
+    """Names an image by its RGB pixels and size: the same picture gets the same key however it arrives
+    (uploaded again, or in another file format), so its conversation and its cached embeddings continue."""
+    return hashlib.sha1(to_rgb(image).tobytes(), usedforsecurity=False).hexdigest() + str(image.size)
 
 
 def image_problem(path: Path) -> str | None:

@@ -16,6 +16,7 @@ import torch
 
 from inference import tiny
 from inference.assistant import Assistant
+from inference.backends.pytorch import TorchBackend
 from inference.loading import load_weights
 from inference.speech import Transcriber
 from tests import kit
@@ -84,4 +85,4 @@ def loaded(weights_dir):
 
 @pytest.fixture
 def assistant(loaded, transcriber) -> Assistant:
-    return Assistant(loaded.model, loaded.tokenizer, loaded.manifest, transcriber)
+    return Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest, transcriber)

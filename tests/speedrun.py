@@ -44,8 +44,9 @@ def llama_cpp_agreement(out: Path, questions: int = 10, tokens: int = 8) -> dict
     `out` (after `run`) exported as GGUF: held-out image questions with the image encoded in PyTorch (the
     app's llama.cpp backend) and by llama.cpp's mmproj, and text-only prompts; images at 224 × 224, the
     vision model's own size, so no resizing differs."""
+    from inference.backends.llamacpp import LlamaCppBackend
     from inference.gguf_files import export
-    from inference.llamacpp import LlamaCppModel, LlamaCppVision
+    from tests.llamacpp_vision import LlamaCppVision
 
     weights = out / "stage2" / "weights"
     loaded = load_weights(weights, precision=Precision.FP32)
@@ -65,7 +66,7 @@ def llama_cpp_agreement(out: Path, questions: int = 10, tokens: int = 8) -> dict
     agreement = {}
     for kind in ("f16", "q8_0"):
         exported = export(weights, out / f"gguf-{kind}", kind)
-        served = LlamaCppModel(model, exported.language_model, threads=2)
+        served = LlamaCppBackend(model, exported.language_model, threads=2)
         answers = [served.generate(ids, embed, options) for (ids, _), embed in zip(cases, embeds, strict=True)]
         same = [answer == want for answer, want in zip(answers, expected, strict=True)]
         agreement[f"{kind}, image encoded in PyTorch"] = sum(same[:questions]) / questions

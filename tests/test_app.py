@@ -15,7 +15,7 @@ def image_path(tmp_path):
 
 
 def test_respond_streams_question_and_answer_into_the_chat(assistant, image_path):
-    earlier = [app.Exchange("Hi?", "Hello.", app.image_key(image_path))]
+    earlier = [app.Exchange("Hi?", "Hello.", app.upload_key(image_path))]
     updates = list(app.respond(assistant, image_path, "What is it?", None, earlier))
     assert len(updates) > 1
     messages, exchanges = updates[-1]
@@ -27,9 +27,17 @@ def test_respond_streams_question_and_answer_into_the_chat(assistant, image_path
 
 def test_a_different_image_starts_a_new_conversation(assistant, image_path, tmp_path):
     make_shape_image("blue").save(tmp_path / "blue.png")
-    earlier = [app.Exchange("Hi?", "Hello.", app.image_key(image_path))]
+    earlier = [app.Exchange("Hi?", "Hello.", app.upload_key(image_path))]
     messages, exchanges = list(app.respond(assistant, str(tmp_path / "blue.png"), "What is it?", None, earlier))[-1]
     assert len(messages) == 2 and len(exchanges) == 1
+
+
+def test_the_same_picture_in_another_file_continues_the_conversation(assistant, image_path, tmp_path):
+    make_shape_image("red").save(tmp_path / "again.bmp")  # the same pixels, another format
+    earlier = [app.Exchange("Hi?", "Hello.", app.upload_key(image_path))]
+    messages, exchanges = list(app.respond(assistant, str(tmp_path / "again.bmp"), "What is it?", None, earlier))[-1]
+    assert len(messages) == 4 and len(exchanges) == 2
+    assert app.upload_key(str(tmp_path / "missing.png")) == ""
 
 
 def test_spoken_questions_are_marked_and_notices_become_warnings(assistant, image_path, speech_wav, monkeypatch):

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from inference import Assistant, GenerationOptions, InputError
+from inference.backends.pytorch import TorchBackend
 from inference.config import TemplateName
 from inference.model import PrefixCache
 from inference.prompt import Conversation, Turn, render
@@ -20,7 +21,7 @@ SHORT = GenerationOptions(max_new_tokens=8)
 
 def count_image_encodings(assistant):
     calls = []
-    assistant.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    assistant.backend.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     return calls
 
 
@@ -31,7 +32,7 @@ def test_chat_streams_a_growing_answer_to_a_typed_question(assistant):
     assert all(longer.startswith(shorter) for shorter, longer in itertools.pairwise(answers))
     assert replies[-1].transcript is None and replies[-1].notice is None
     # The answer is what the model generates for the rendered prompt, decoded.
-    model = assistant.model
+    model = assistant.backend.model
     image_embeds = model.encode_images(pixels(model, make_shape_image("red")))
     tokens = model.generate(prompt_ids(assistant.tokenizer), image_embeds, SHORT)
     # The answer is the decoded tokens without the space that follows "ASSISTANT:".
@@ -121,13 +122,13 @@ def reused_positions(prefixes: PrefixCache, monkeypatch) -> list[int]:
 
 
 def test_follow_up_questions_reuse_the_kv_cache_and_answer_as_without_it(loaded, monkeypatch):
-    reusing = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
-    reused = reused_positions(reusing.prefixes, monkeypatch)
+    reusing = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
+    reused = reused_positions(reusing.backend.prefixes, monkeypatch)
     image, history = make_shape_image("blue"), []
     options = GenerationOptions(max_new_tokens=12)
     for question in ("What colour is it?", "Where is it?", "Is it round?"):
         answer = list(reusing.chat(history, image, text=question, options=options))[-1].answer
-        fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
+        fresh = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)  # nothing cached
         assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
         history.append((question, answer))
     first_prompt = prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens)
@@ -158,7 +159,7 @@ def test_streaming_grows_the_answer_and_stops_at_end_of_text(assistant):
     answer = "A red circle on the left."
     image = make_shape_image("red")
     conversation = Conversation((Turn("What is in this picture?", answer),))
-    model, loss = overfit(assistant.model, assistant.tokenizer, conversation, image)
+    model, loss = overfit(assistant.backend.model, assistant.tokenizer, conversation, image)
     assert loss < 0.05
     options = GenerationOptions(max_new_tokens=64)
 
@@ -176,10 +177,12 @@ def test_a_follow_up_is_rendered_as_training_renders_it_and_reuses_the_answer(as
     """Turn 2's prompt is `render()` of the conversation with the model's own answer, and the KV cache of
     turn 1 (its prompt and its answer) is reused, not only its prompt."""
     image, first, second = make_shape_image("red"), "What is in this picture?", "Where is it?"
-    model, _ = overfit(assistant.model, assistant.tokenizer, Conversation((Turn(first, "A red circle."),)), image)
+    model, _ = overfit(
+        assistant.backend.model, assistant.tokenizer, Conversation((Turn(first, "A red circle."),)), image
+    )
     prompts, generate = [], model.generate
     monkeypatch.setattr(model, "generate", lambda ids, *args: prompts.append(list(ids)) or generate(ids, *args))
-    reused = reused_positions(assistant.prefixes, monkeypatch)
+    reused = reused_positions(assistant.backend.prefixes, monkeypatch)
     options = GenerationOptions(max_new_tokens=16)
     answer = list(assistant.chat([], image, text=first, options=options))[-1].answer
     list(assistant.chat([(first, answer)], image, text=second, options=options))
@@ -207,7 +210,7 @@ def test_errors_in_generation_reach_the_reader(assistant, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the model failed")
 
-    monkeypatch.setattr(assistant.model, "generate", broken)
+    monkeypatch.setattr(assistant.backend.model, "generate", broken)
     with pytest.raises(RuntimeError, match="the model failed"):
         list(assistant.chat([], make_shape_image("red"), text="What?", options=SHORT))
 
@@ -224,7 +227,7 @@ def test_a_conversation_takes_no_deprecated_transformers_path(loaded):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+            assistant = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
             history, image = [], make_shape_image("red")
             for question in ("What is it?", "Where is it?"):  # the second reuses the first's KV cache
                 answer = list(assistant.chat(history, image, text=question, options=SHORT))[-1].answer

@@ -18,12 +18,13 @@ from torch.nn import functional as F
 
 from inference import tiny
 from inference.assistant import Assistant
+from inference.backends.llamacpp import LlamaCpp, LlamaCppBackend, load_llamacpp
 from inference.config import GenerationOptions, ProjectorType
-from inference.llamacpp import LlamaCpp, LlamaCppModel, LlamaCppVision, load_llamacpp
 from inference.loading import load_weights
 from inference.precision import Precision
 from inference.vision import pixel_values
 from tests.kit import make_shape_image, pixels, prompt_ids
+from tests.llamacpp_vision import LlamaCppVision
 from tests.test_hub import FakeHub
 from training import export_gguf, publish
 
@@ -119,10 +120,10 @@ def test_the_export_command_pushes_its_folder(weights, tmp_path, monkeypatch):
 
 def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(weights, loaded, tmp_path):
     served = load_llamacpp(weights, None, threads=2, cache=tmp_path)  # exported once into the cache (q8_0)
-    assert len(list(tmp_path.iterdir())) == 1 and load_llamacpp(weights, None, 2, tmp_path).model.llm
+    assert len(list(tmp_path.iterdir())) == 1 and load_llamacpp(weights, None, 2, tmp_path).backend.llm
     assert len(list(tmp_path.iterdir())) == 1  # the second start found the export
-    model = served.model  # Q8_0, the precision the app serves
-    assistant = Assistant(model, served.tokenizer, served.manifest, backend="llama.cpp")
+    model = served.backend  # Q8_0, the precision the app serves
+    assistant = Assistant(model, served.tokenizer, served.manifest)
     image, options = make_shape_image("green"), GenerationOptions(max_new_tokens=12)
     replies = [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)]
     assert len(replies) > 2 and all(a == b[: len(a)] for a, b in itertools.pairwise(replies))
@@ -139,14 +140,15 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
         embeds = loaded.model.encode_images(pixels(loaded.model, image))
         expected = loaded.model.generate(ids, embeds, GenerationOptions(max_new_tokens=4))
     f16 = export_gguf.main(["--weights", str(weights), "--out", str(tmp_path / "f16"), "--type", "f16"])
-    exact = LlamaCppModel(loaded.model, f16.language_model, threads=2)
+    exact = LlamaCppBackend(loaded.model, f16.language_model, threads=2)
     assert exact.generate(ids, embeds, GenerationOptions(max_new_tokens=4))[:2] == expected[:2]
     stop = threading.Event()
     stop.set()
     assert model.generate(ids, embeds, options, stop=stop) == []
     sampled = GenerationOptions(max_new_tokens=6, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
     assert len(model.generate(ids, embeds, sampled)) <= 6
-    assert served.model.max_positions == loaded.model.max_positions
+    assert served.backend.max_positions == loaded.model.max_positions
+    assert served.backend.describe() == "llama.cpp Q8_0"
 
 
 def test_a_changed_base_model_is_exported_afresh(gpt2_phi_dir, tmp_path):

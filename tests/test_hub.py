@@ -16,6 +16,9 @@ from transformers import AutoTokenizer, CLIPVisionModel, PhiForCausalLM
 
 import app
 from inference import Assistant, GenerationOptions, hub, original
+from inference import assistant as assistant_module
+from inference.assistant import choose_weights
+from inference.backends.pytorch import TorchBackend
 from inference.cards import weights_card
 from inference.config import PHI2_ID, TINYCLIP_ID, Manifest, ManifestError, ProjectorConfig, TemplateName
 from inference.loading import load_weights
@@ -220,7 +223,7 @@ def test_imported_original_checkpoint_answers_as_the_original_did(
     assert (folder / "adapter" / "adapter_model.safetensors").is_file() and (folder / "README.md").is_file()
 
     loaded = load_weights(folder, dtype=torch.float32)
-    assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    assistant = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
     image, question, tokens = make_shape_image("red"), "What is in the picture?", 12
     *_, reply = assistant.chat([("earlier?", "ignored")], image, question, options=GenerationOptions(tokens))
     expected = original_answer(original_checkpoint, gpt2_phi_dir, clip_dir, image, question, tokens)
@@ -237,7 +240,7 @@ def test_the_original_answers_50_tokens_by_default_and_its_import_records_the_sp
     manifest = Manifest.load(folder)
     assert manifest.generation.max_new_tokens == 50 and manifest.training["source_revision"] == "aaa111"
     loaded = load_weights(folder, dtype=torch.float32)
-    assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    assistant = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
     image, question = make_shape_image("red"), "What is in the picture?"
     *_, reply = assistant.chat([], image, question)  # no options given: the weights' own
     *_, fifty = assistant.chat([], image, question, options=GenerationOptions(max_new_tokens=50))
@@ -278,7 +281,7 @@ def test_a_broken_original_checkpoint_is_refused(tmp_path):
 def test_app_defaults_to_trained_weights_then_the_original_then_says_what_to_do(
     weights_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(app, "DEFAULT_WEIGHTS", tmp_path / "weights")  # no manifest yet
+    monkeypatch.setattr(assistant_module, "DEFAULT_WEIGHTS", tmp_path / "weights")  # no manifest yet
     monkeypatch.setattr(original, "DEFAULT_FOLDER", tmp_path / "original")  # nothing imported, offline
     monkeypatch.delenv("WEIGHTS", raising=False)
     with pytest.raises(SystemExit) as stopped:
@@ -289,7 +292,7 @@ def test_app_defaults_to_trained_weights_then_the_original_then_says_what_to_do(
     assert all(advice in message for advice in ("Train", "--weights", "--demo"))
 
     shutil.copytree(weights_dir, tmp_path / "original")  # as if imported on an earlier, online start
-    assert app.choose_weights(None) == tmp_path / "original"
+    assert choose_weights(None) == tmp_path / "original"
     shutil.copytree(weights_dir, tmp_path / "weights")  # trained weights take precedence
-    assert app.choose_weights(None) == tmp_path / "weights"
-    assert app.choose_weights("me/repo") == "me/repo"
+    assert choose_weights(None) == tmp_path / "weights"
+    assert choose_weights("me/repo") == "me/repo"

@@ -15,12 +15,14 @@ from transformers import AutoTokenizer, PhiForCausalLM
 
 from inference import loading, precision, tiny
 from inference.assistant import Assistant
+from inference.backends.llamacpp import LlamaCpp
+from inference.backends.pytorch import TorchBackend, load_torch
 from inference.config import GenerationOptions, Manifest
 from inference.gguf_files import export
 from inference.int8_files import INT8_DIR, INT8_FILE, save_int8
-from inference.llamacpp import LlamaCpp
-from inference.loading import int8_source, load_weights
+from inference.loading import load_weights
 from inference.precision import DEFAULT_PRECISION, OutlierInt8Linear, Precision
+from inference.serving_cache import int8_source
 from inference.standins import outlier_dims, plant_outliers
 from tests.kit import make_shape_image, pixels, prompt_ids
 from training.shapes import CORPUS, warm_up_language_model
@@ -205,11 +207,11 @@ def test_int8_finds_the_planted_columns_and_keeps_them_fp32(planted_weights):
 
 def test_int8_answers_with_a_reused_prefix_equal_answers_without(planted_weights):
     loaded = load_weights(planted_weights, precision=Precision.INT8)
-    reusing = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    reusing = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
     image, history, options = make_shape_image("blue"), [], GenerationOptions(max_new_tokens=12)
     for question in ("What colour is it?", "Where is it?", "Is it round?"):
         answer = list(reusing.chat(history, image, text=question, options=options))[-1].answer
-        fresh = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)  # nothing cached
+        fresh = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)  # nothing cached
         assert list(fresh.chat(history, image, text=question, options=options))[-1].answer == answer
         history.append((question, answer))
 
@@ -229,15 +231,15 @@ def same_logits(a, b) -> bool:
 
 def test_int8_is_quantized_once_and_loaded_from_the_cache_after(planted_weights, tmp_path, monkeypatch):
     cache = tmp_path / "int8"
-    first = load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache).model.language_model
+    first = load_torch(planted_weights, Precision.INT8, cache).backend.model.language_model
     (saved,) = cache.glob(f"*/{INT8_FILE}")
     refuse_to_quantize(monkeypatch)
-    second = load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache).model.language_model
+    second = load_torch(planted_weights, Precision.INT8, cache).backend.model.language_model
     assert isinstance(second.model.layers[0].mlp.fc1, OutlierInt8Linear) and same_logits(first, second)
     # Other sources (here the base model's files changed) are quantized afresh; the cache keeps the latest.
     monkeypatch.undo()
     os.utime(planted_weights.parent / "planted-phi" / "model.safetensors", ns=(0, 0))
-    load_weights(planted_weights, precision=Precision.INT8, int8_cache=cache)
+    load_torch(planted_weights, Precision.INT8, cache)
     assert [path.parent for path in cache.glob(f"*/{INT8_FILE}")] != [saved.parent]
     assert len(list(cache.iterdir())) == 1
 
@@ -249,10 +251,12 @@ def test_an_int8_model_published_in_the_weights_folder_is_served_while_it_fits(w
     quantized = load_weights(weights, precision=Precision.INT8).model.language_model
     save_int8(quantized, weights / INT8_DIR, int8_source(weights, Manifest.load(weights)))
     refuse_to_quantize(monkeypatch)
-    served = load_weights(weights, precision=Precision.INT8).model.language_model
+    backend = load_torch(weights, Precision.INT8, None).backend
+    served = backend.model.language_model
+    assert backend.describe() == "PyTorch int8"
     assert same_logits(quantized, served)
     adapter = weights / "adapter" / "adapter_model.safetensors"
     tensors = load_file(adapter)
     save_file({name: value + 0.01 for name, value in tensors.items()}, adapter)
     with pytest.raises(AssertionError, match="quantized again"):
-        load_weights(weights, precision=Precision.INT8)
+        load_torch(weights, Precision.INT8, None)

@@ -9,7 +9,7 @@ from inference.prompt import (
     Turn,
     render,
 )
-from inference.tiny import GPT2_EOS_ID
+from inference.shapes import GPT2_EOS_ID
 
 PATCHES = 3  # image positions per image in these tests (49 for TinyCLIP)
 TWO_TURNS = Conversation((Turn("What colour is the shape?", "Red."), Turn("Where is it?", "On the left.")))

@@ -244,7 +244,7 @@ def test_stage1_trains_the_projector_and_writes_servable_weights(features, coco,
     manifest = Manifest.load(output / "weights")
     assert manifest.template is TemplateName.PLAIN and not manifest.adapter
     assert manifest.training["steps"] == 60
-    assistant = Assistant.from_weights(output / "weights", whisper_model=None, precision=Precision.FP32)
+    assistant = Assistant.load(output / "weights", whisper_model=None, precision=Precision.FP32)
     options = GenerationOptions(max_new_tokens=8)
     reply = list(assistant.chat([], make_shape_image("red"), text="Describe.", options=options))
     assert reply[-1].answer

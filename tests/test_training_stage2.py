@@ -179,7 +179,7 @@ def test_qlora_run_learns_and_its_weights_answer_like_the_training_model(instruc
 
 
 def served_by(weights: Path):
-    assistant = Assistant.from_weights(weights, whisper_model=None, precision=Precision.FP32)
+    assistant = Assistant.load(weights, whisper_model=None, precision=Precision.FP32)
 
     def answer(question, image_path):
         return list(

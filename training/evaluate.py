@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from inference.assistant import Assistant
+from inference.backends.pytorch import TorchBackend
 from inference.cli import ArgumentParser, command
 from inference.config import GenerationOptions, atomic_write_text
 from inference.loading import LoadedWeights, load_for_evaluation
@@ -57,13 +58,13 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
-def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path, batch_size: int) -> float:
+def mean_loss(loaded: LoadedWeights, examples: list[Example], image_folder: Path, batch_size: int) -> float:
     """Teacher-forced held-out loss over the answers, as training defines it (`summed_loss`)."""
-    tower = assistant.model.vision_tower
+    tower = loaded.model.vision_tower
     collator = Collator(
-        assistant.tokenizer,
-        assistant.manifest.template,
-        assistant.max_positions,
+        loaded.tokenizer,
+        loaded.manifest.template,
+        loaded.model.max_positions,
         tower.num_patches,
         tower.image_size,
         image_folder,
@@ -71,7 +72,7 @@ def mean_loss(assistant: Assistant, examples: list[Example], image_folder: Path,
     examples = collator.fit(examples, "loss")
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc="loss", unit="batch"):
-        loss, supervised = summed_loss(assistant.model, collator(examples[start : start + batch_size]))
+        loss, supervised = summed_loss(loaded.model, collator(examples[start : start + batch_size]))
         total, tokens = total + loss.item(), tokens + supervised
     return total / tokens if tokens else float("nan")
 
@@ -109,11 +110,12 @@ def evaluate(
     limit: int = 0,
     batch_size: int = 8,
     max_new_tokens: int = 32,
-    assistant: Assistant | None = None,
+    loaded: LoadedWeights | None = None,
 ) -> dict[str, Any]:
-    if assistant is None:
-        loaded = load_for_evaluation(weights)
-        assistant = Assistant(loaded.model, loaded.tokenizer, loaded.manifest)
+    """Held-out loss and short-answer accuracy of `weights` (loaded here unless `loaded` is given), the
+    answers asked through `Assistant`, the app's path."""
+    loaded = loaded or load_for_evaluation(weights)
+    assistant = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
     examples, malformed = load_examples(data)
     examples = [example for example in examples if example.image is not None]
     if limit:
@@ -126,7 +128,7 @@ def evaluate(
         "data": str(data),
         "conversations": len(examples),
         "malformed_skipped": sum(malformed.values()),
-        "loss": mean_loss(assistant, examples, folder, batch_size),
+        "loss": mean_loss(loaded, examples, folder, batch_size),
         "short_questions": count,
         "exact_match": sum(a["exact"] for a in answers) / count if count else None,
         "contains_match": sum(a["contains"] for a in answers) / count if count else None,

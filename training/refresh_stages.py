@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import yaml
 
-from inference.assistant import Assistant
 from inference.cards import weights_card
 from inference.cli import UsageError
 from inference.config import Manifest, ManifestError
 from inference.gguf_files import export
 from inference.int8_files import INT8_DIR, save_int8, saved_source
-from inference.loading import int8_source, load_for_evaluation, load_weights, replace_folder
+from inference.loading import load_for_evaluation, load_weights, replace_folder
 from inference.precision import Precision
+from inference.serving_cache import int8_source
 from training import (
     cache_features,
     evaluate,
@@ -147,11 +147,11 @@ def random_real_shapes(work: Work) -> dict[str, Any]:
     from transformers import CLIPVisionModel, PhiForCausalLM
 
     from inference import tiny
-    from inference.shapes import PHI2, TINYCLIP_61M
+    from inference.shapes import GPT2_EOS_ID, PHI2, TINYCLIP_61M
 
     tokenizer = tiny.build_gpt2_tokenizer()
     torch.manual_seed(work.seed)
-    config = PHI2.config(bos_token_id=tiny.GPT2_EOS_ID, eos_token_id=tiny.GPT2_EOS_ID)
+    config = PHI2.config(bos_token_id=GPT2_EOS_ID, eos_token_id=GPT2_EOS_ID)
     PhiForCausalLM(config).half().save_pretrained(work.models / "phi")  # fp16, as microsoft/phi-2 ships
     tokenizer.save_pretrained(work.models / "phi")
     CLIPVisionModel(TINYCLIP_61M.config()).save_pretrained(work.models / "clip")
@@ -318,7 +318,7 @@ def run_evaluate(work: Work) -> dict[str, Any]:
         work.images,
         limit=settings["held_out_limit"],
         max_new_tokens=settings["max_new_tokens"],
-        assistant=Assistant(loaded.model, loaded.tokenizer, loaded.manifest),
+        loaded=loaded,
     )
     (out / "held_out.json").write_text(json.dumps(report, indent=1) + "\n")
     metrics = {"held_out_loss": report["loss"], "exact_match": report["exact_match"]}

@@ -30,6 +30,7 @@ from inference.cli import UsageError, command
 from inference.config import Manifest, TemplateName
 from inference.loading import build_model, resolve_model_reference
 from inference.model import MultimodalPhi
+from inference.shapes import PHI_LORA_MODULES
 from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
 from training.feature_cache import open_cache
@@ -38,7 +39,6 @@ from training.optim import make_accelerator, precision_dtype, resolve_precision
 from training.trainer import Trainer
 
 MODULE = "training.stage2_instruct"
-PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]  # attention and MLP linears
 
 
 @dataclass

@@ -1,16 +1,15 @@
-"""llama.cpp through llama-cpp-python's C API: the app's llama.cpp backend, and the checks of exported files.
+"""The llama.cpp backend: the language model in llama.cpp (llama-cpp-python's C API), images in PyTorch.
 
 The image's positions go in as an embedding batch (the projector's output), the text as tokens, in
 one sequence; that is what llama.cpp's own multimodal runtime does with an mmproj file. `LlamaCpp` is
-the language model (logits for a prompt), `LlamaCppVision` llama.cpp's own image encoder (an mmproj
-file), `LlamaCppModel` the serving backend, and `load_llamacpp` builds it for a weights folder.
+the language model (logits for a prompt), `LlamaCppBackend` the serving backend, and `load_llamacpp`
+builds it for a weights folder, exporting the GGUF file once into the serving cache when none is given.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.util
 import shutil
 import threading
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
@@ -27,14 +25,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inference import gguf_files
+from inference.backends import LoadedBackend
 from inference.cli import UsageError
 from inference.config import GenerationOptions, Manifest, ManifestError
 from inference.gguf_files import export
 from inference.hub import resolve_weights
-from inference.loading import SERVING_CACHE, LoadedWeights, build_model, cache_key, source_stamp
+from inference.loading import build_model
 from inference.model import MultimodalPhi, shared_prefix
 from inference.prompt import IMAGE_PLACEHOLDER_ID
+from inference.serving_cache import SERVING_CACHE, gguf_location
 
 
 @functools.cache
@@ -130,56 +129,8 @@ class LlamaCpp:
         return np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy()
 
 
-class LlamaCppVision:
-    """llama.cpp's own image encoder (`mmproj` file, through llama-cpp-python's mtmd bindings): an RGB
-    image → the projected embeddings its multimodal runtime feeds the language model."""
-
-    def __init__(self, mmproj: Path, language_model: LlamaCpp, threads: int) -> None:
-        from llama_cpp import mtmd_cpp
-
-        self.mtmd = mtmd_cpp
-        params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, threads, False
-        self.context = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), language_model.model, params)
-        if not self.context:
-            raise RuntimeError(f"llama.cpp could not load {mmproj}")
-        self.width = language_model.width
-
-    def __del__(self) -> None:
-        if getattr(self, "context", None):
-            self.mtmd.mtmd_free(self.context)
-
-    def encode(self, image: Image.Image) -> np.ndarray:
-        """(image positions, width) float32: the rows llama.cpp decodes in place of the image."""
-        mtmd = self.mtmd
-        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-        data = pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, data)
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            marker = mtmd.mtmd_default_marker()
-            text = mtmd.mtmd_input_text(marker, len(marker), False, True)
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self.context, chunks, ctypes.byref(text), bitmaps, 1):
-                raise RuntimeError("llama.cpp could not tokenize the image")
-            chunk = next(
-                mtmd.mtmd_input_chunks_get(chunks, index)
-                for index in range(mtmd.mtmd_input_chunks_size(chunks))
-                if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, index))
-                == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
-            )
-            if mtmd.mtmd_encode_chunk(self.context, chunk):
-                raise RuntimeError("llama.cpp could not encode the image")
-            rows = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-            pointer = mtmd.mtmd_get_output_embd(self.context)
-            return np.ctypeslib.as_array(pointer, shape=(rows * self.width,)).reshape(rows, self.width).copy()
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
-
-
-class LlamaCppModel:
-    """The app's llama.cpp backend, in the place of `MultimodalPhi` for `Assistant`: images go through
+class LlamaCppBackend:
+    """The app's llama.cpp backend (`inference.backends.ServingBackend`): images go through
     the weights' own vision tower and projector in PyTorch (fp32: exact for every projector type, and
     untouched by llama.cpp's class-token bug, see `inference.gguf_files`), their embeddings and the text
     through the language model in llama.cpp. Decoding follows `MultimodalPhi.generate`: the same stop
@@ -188,17 +139,18 @@ class LlamaCppModel:
     prefix the next prompt shares with it (a conversation's earlier turns), as `PrefixCache` does."""
 
     def __init__(self, vision: MultimodalPhi, language_model: Path, threads: int) -> None:
-        self.vision = vision.eval()
-        self.vision_tower = vision.vision_tower
+        self.vision = vision.eval()  # the vision tower and projector; its language model is a shapes-only skeleton
+        self.image_size = vision.vision_tower.image_size
         self.eos_token_id = vision.eos_token_id
         self.max_positions = vision.language_model.config.max_position_embeddings
+        self.file = language_model
         self.llm = LlamaCpp(language_model, threads, context=self.max_positions)
         self.cached: list[int] = []  # the positions the KV cache holds
         self.cached_image: object = None
         self.lock = threading.Lock()  # one llama.cpp context: one answer at a time
 
-    def eval(self) -> LlamaCppModel:
-        return self
+    def describe(self) -> str:
+        return f"llama.cpp {self.file.stem.removeprefix('language-model-').upper()}"
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision.encode_images(pixel_values).float()
@@ -210,7 +162,6 @@ class LlamaCppModel:
         options: GenerationOptions | None = None,
         streamer=None,
         stop: threading.Event | None = None,
-        prefixes: object = None,  # MultimodalPhi's interface; this backend keeps its own cache
         image_key: str = "",
     ) -> list[int]:
         """Answer one prompt; returns the new token ids (ending with the end-of-text id if it stopped there)."""
@@ -260,7 +211,7 @@ SERVED_KIND = "q8_0"  # the GGUF type that stays faithful in benchmarks/RESULTS.
 
 def load_llamacpp(
     weights: str | Path, gguf: str | Path | None, threads: int, cache: Path = GGUF_CACHE
-) -> LoadedWeights:
+) -> LoadedBackend:
     """The llama.cpp backend for a weights folder: its vision tower and projector from the folder, the
     language model from `gguf` (a folder or Hub repo holding `language-model-*.gguf`), or, without one,
     exported once from the weights into `cache` (q8_0; the first start takes the export's time)."""
@@ -278,7 +229,7 @@ def load_llamacpp(
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(reference))
 
     vision, tokenizer = build_model(manifest, folder, skeleton)
-    return LoadedWeights(LlamaCppModel(vision, path, threads), tokenizer, manifest)
+    return LoadedBackend(LlamaCppBackend(vision, path, threads), tokenizer, manifest)
 
 
 def _gguf_file(folder: Path) -> Path:
@@ -290,11 +241,8 @@ def _gguf_file(folder: Path) -> Path:
 
 
 def _exported(folder: Path, manifest: Manifest, cache: Path) -> Path:
-    """This weights folder's export in the cache, made now when missing. Keyed by what it is made from
-    (`source_stamp`: the weights folder, the base language model) and the exporter's code, so retrained
-    weights, another base model or a changed exporter export afresh."""
-    exporter = hashlib.sha1(Path(gguf_files.__file__).read_bytes(), usedforsecurity=False).hexdigest()
-    target = cache / cache_key([*source_stamp(folder, manifest), f"exporter {exporter}"])
+    """This weights folder's export in the cache (`gguf_location`), made now when missing."""
+    target = gguf_location(folder, manifest, cache)
     if not (target / f"language-model-{SERVED_KIND}.gguf").is_file():
         print(f"exporting the language model to llama.cpp's format once, into {target}", flush=True)
         staging = target.with_name(f".{target.name}.staging")

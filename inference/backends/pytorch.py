@@ -1,0 +1,58 @@
+"""The PyTorch backend: `MultimodalPhi` (the LoRA merged) with a cache of recent answers' KV caches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from inference.backends import LoadedBackend
+from inference.config import GenerationOptions, Manifest
+from inference.hub import resolve_weights
+from inference.loading import load_weights
+from inference.model import MultimodalPhi, PrefixCache
+from inference.precision import Precision
+from inference.serving_cache import int8_location
+
+PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (each ≤ 2048 positions)
+
+
+class TorchBackend:
+    """`inference.backends.ServingBackend` over a `MultimodalPhi`; follow-up turns reuse the KV cache of
+    earlier ones (`PrefixCache`)."""
+
+    def __init__(self, model: MultimodalPhi, precision: Precision | None = None) -> None:
+        self.model = model.eval()
+        self.precision = precision  # how it was loaded, when known
+        self.prefixes = PrefixCache(PREFIX_CACHES)
+        self.image_size = model.vision_tower.image_size
+        self.max_positions = model.max_positions
+
+    def describe(self) -> str:
+        if self.precision is not None:
+            return f"PyTorch {self.precision.value}"
+        return f"PyTorch {str(self.model.language_model.dtype).removeprefix('torch.')}"
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixel_values)
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        image_embeds: torch.Tensor | None,
+        options: GenerationOptions | None = None,
+        streamer=None,
+        stop: threading.Event | None = None,
+        image_key: str = "",
+    ) -> list[int]:
+        return self.model.generate(input_ids, image_embeds, options, streamer, stop, self.prefixes, image_key)
+
+
+def load_torch(weights: str | Path, precision: Precision, int8_cache: Path | None) -> LoadedBackend:
+    """A weights folder in PyTorch in `precision`; int8 is quantized once and kept (`int8_location`)."""
+    folder = resolve_weights(weights)
+    int8_path = int8_location(folder, Manifest.load(folder), int8_cache) if precision is Precision.INT8 else None
+    loaded = load_weights(folder, precision=precision, int8_path=int8_path)
+    return LoadedBackend(TorchBackend(loaded.model, precision), loaded.tokenizer, loaded.manifest)
