@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from inference.backends import Backend  # noqa: E402
+from inference.dimensions import PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SIZES  # noqa: E402
 from inference.measuring import RESULTS, cpu_description, write_section  # noqa: E402
-from inference.shapes import GPT2_EOS_ID, PHI_LORA_MODULES, PHI_SHAPES, TINYCLIP_61M, WHISPER_SHAPES  # noqa: E402
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
 TEXT_TOKENS = 40
@@ -69,25 +69,16 @@ def build_checkpoints(folder: Path, size: str) -> Path:
     """Random phi (bf16 safetensors, like the Hub's), a random LoRA, TinyCLIP, a weights folder, whisper."""
     import whisper
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPVisionModel, PhiForCausalLM
+    from transformers import CLIPVisionModel
 
     from inference.config import ProjectorType, TemplateName
     from inference.loading import new_manifest, save_weights
     from inference.projector import build_projector
-    from inference.standins import plant_outliers
+    from inference.standins import plant_outliers, random_phi
     from inference.tiny import build_gpt2_tokenizer
 
     torch.manual_seed(0)
-    config = PHI_SHAPES[size].config(bos_token_id=GPT2_EOS_ID, eos_token_id=GPT2_EOS_ID, dtype="float16")
-    with torch.device("meta"):
-        model = PhiForCausalLM(config).to(torch.float16)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim > 1:
-                parameter.normal_(0.0, 0.02)
-            else:
-                parameter.fill_(1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
+    model = random_phi(size)
     tokenizer = build_gpt2_tokenizer()
     outliers = plant_outliers(model, massive_tokens(tokenizer))
     (folder / "outliers.json").write_text(json.dumps(asdict(outliers)))
@@ -111,7 +102,7 @@ def build_checkpoints(folder: Path, size: str) -> Path:
         adapter=True,
     )
     save_weights(folder / "weights", manifest, build_projector(manifest.projector), lora)
-    dims = WHISPER_SHAPES["base.en"].dimensions()
+    dims = WHISPER_SIZES["base.en"].dimensions()
     whisper_model = whisper.model.Whisper(dims)
     torch.save({"dims": vars(dims), "model_state_dict": whisper_model.state_dict()}, folder / "whisper.pt")
     return folder

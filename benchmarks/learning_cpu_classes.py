@@ -48,7 +48,7 @@ def run_cell(seed: int, workdir: Path) -> dict:
     """In the child process: the tiny refresh, then the untrained baseline; the environment set by the parent."""
     from tests.speedrun import untrained_accuracy
     from training import refresh
-    from training.recipe import RECIPES
+    from training.refresh.recipe import RECIPES
     from training.shapes import accuracy_by_kind
 
     started = time.perf_counter()

@@ -24,10 +24,10 @@ from transformers import CLIPVisionModel, PhiForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.config import ProjectorConfig, ProjectorType
+from inference.dimensions import GPT2_EOS_ID, PHI_SIZES, TINYCLIP_61M
 from inference.model import MultimodalPhi
 from inference.projector import build_projector
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from inference.shapes import GPT2_EOS_ID, PHI_SHAPES, TINYCLIP_61M
 from inference.vision import VisionTower, preprocess
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
@@ -37,7 +37,7 @@ CAPTION_TOKENS = 14  # a typical COCO caption plus <|endoftext|>
 
 def build(size: str) -> MultimodalPhi:
     torch.manual_seed(0)
-    language_model = PhiForCausalLM(PHI_SHAPES[size].config()).requires_grad_(False)
+    language_model = PhiForCausalLM(PHI_SIZES[size].config()).requires_grad_(False)
     tower = VisionTower(CLIPVisionModel(TINYCLIP_61M.config()), feature_layer=-2)
     config = ProjectorConfig(ProjectorType.LINEAR, tower.width, language_model.config.hidden_size)
     return MultimodalPhi(tower, build_projector(config), language_model, eos_token_id=GPT2_EOS_ID).train()
@@ -73,7 +73,7 @@ def timed(function, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=PHI_SHAPES, default="small")
+    parser.add_argument("--size", choices=PHI_SIZES, default="small")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -19,16 +19,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionModel, PhiForCausalLM
+from transformers import CLIPVisionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from inference.config import ProjectorConfig, ProjectorType  # noqa: E402
+from inference.dimensions import GPT2_EOS_ID, PHI_SIZES, TINYCLIP_61M  # noqa: E402
 from inference.model import MultimodalPhi  # noqa: E402
 from inference.projector import build_projector  # noqa: E402
 from inference.prompt import IMAGE_PLACEHOLDER_ID  # noqa: E402
-from inference.shapes import GPT2_EOS_ID, PHI_SHAPES, TINYCLIP_61M  # noqa: E402
+from inference.standins import random_phi  # noqa: E402
 from inference.vision import VisionTower  # noqa: E402
 from training.optim import resolve_precision  # noqa: E402
 from training.stage2_instruct import Stage2Config, load_language_model  # noqa: E402
@@ -76,13 +77,13 @@ def measure(folder: Path, checkpointing: bool, steps: int, device: torch.device)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=PHI_SHAPES, default="phi-2")
+    parser.add_argument("--size", choices=PHI_SIZES, default="phi-2")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        PhiForCausalLM(PHI_SHAPES[args.size].config()).to(torch.float16).save_pretrained(folder)
+        random_phi(args.size).save_pretrained(folder)
         rows = [
             (checkpointing, *measure(Path(folder), checkpointing, args.steps, device))
             for checkpointing in (False, True)

@@ -19,12 +19,12 @@ import whisper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.shapes import WHISPER_SHAPES
+from inference.dimensions import WHISPER_SIZES
 
 
 def build(size: str) -> whisper.model.Whisper:
     torch.manual_seed(0)
-    return whisper.model.Whisper(WHISPER_SHAPES[size].dimensions()).eval()
+    return whisper.model.Whisper(WHISPER_SIZES[size].dimensions()).eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)))
     options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True, sample_len=args.tokens)
     rows = []
-    for size in WHISPER_SHAPES:
+    for size in WHISPER_SIZES:
         model = build(size)
         whisper.decode(model, mel, options)  # warm-up
         start = time.perf_counter()

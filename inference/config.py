@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.cli import UsageError
-from inference.shapes import PHI2, TINYCLIP_61M
+from inference.dimensions import PHI2, TINYCLIP_61M
 
 PHI2_ID = "microsoft/phi-2"
 TINYCLIP_ID = "wkcn/TinyCLIP-ViT-61M-32-Text-29M-LAION400M"

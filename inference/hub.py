@@ -3,7 +3,7 @@
 A weights reference is a local folder or `OWNER/NAME[@REVISION]`, downloaded once into the Hub cache
 and served offline after that. The token is whatever `huggingface_hub` finds (`hf auth login` or
 `HF_TOKEN`); it is never printed, and `scrub` removes it from error messages. Uploading lives in
-`training.publish`: only training pushes.
+`training.hub_upload`: only training pushes.
 """
 
 from __future__ import annotations

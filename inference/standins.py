@@ -1,4 +1,5 @@
-"""Stand-ins that carry what breaks quantization of the real phi-2: outliers, planted through the weights.
+"""Stand-ins of the real models for benchmarks and smoke runs: phi of a real size with random weights
+(`random_phi`), and what breaks quantization of the real phi-2: outliers, planted through the weights.
 
 Random and tiny models lack the activation outliers of trained LLMs, so a quantization scheme can
 look faithful on them and fail on phi-2. `plant_outliers` gives a `PhiForCausalLM` both kinds, by
@@ -25,6 +26,26 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PhiForCausalLM
+
+from inference.dimensions import GPT2_EOS_ID, PHI_SIZES
+
+
+def random_phi(size: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> PhiForCausalLM:
+    """phi of a real size (`PHI_SIZES`: phi-2, phi-1.5, small) with random weights in `dtype`, as a trained
+    checkpoint's are spread (matrices normal with std 0.02, LayerNorms 1 and 0), GPT-2's end-of-text id:
+    built on the meta device and filled in place, so billions of parameters need no init loop."""
+    config = PHI_SIZES[size].config(bos_token_id=GPT2_EOS_ID, eos_token_id=GPT2_EOS_ID, dtype=str(dtype)[6:])
+    with torch.device("meta"):
+        model = PhiForCausalLM(config).to(dtype)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim > 1:
+                parameter.normal_(0.0, 0.02, generator=generator)
+            else:
+                parameter.fill_(1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
+    return model
 
 
 @dataclass(frozen=True)

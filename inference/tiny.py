@@ -19,9 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedTokenizerFast
 
 from inference.config import ProjectorType, TemplateName
+from inference.dimensions import GPT2_EOS_ID, PHI2, PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SIZES
 from inference.loading import new_manifest, save_weights
 from inference.projector import build_projector
-from inference.shapes import GPT2_EOS_ID, PHI2, PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SHAPES
 
 EOS = "<|endoftext|>"
 
@@ -128,7 +128,7 @@ def build_tiny_clip(folder: Path, seed: int = 0, width: int = 16) -> Path:
 def build_tiny_whisper(path: Path, seed: int = 0) -> Path:
     """A whisper checkpoint of base.en's structure shrunk, in the `.pt` format `whisper.load_model(path)` reads."""
     torch.manual_seed(seed)
-    dims = replace(WHISPER_SHAPES["base.en"], width=16, heads=2, layers=1).dimensions()
+    dims = replace(WHISPER_SIZES["base.en"], width=16, heads=2, layers=1).dimensions()
     model = whisper.model.Whisper(dims)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path

@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from inference.config import TemplateName
+from inference.dimensions import PHI2
 from inference.prompt import Conversation, Turn, render
-from inference.shapes import PHI2
 from inference.vision import preprocess
 from training.checkpoint import CRASH_AT
 from training.trainer import Trainer

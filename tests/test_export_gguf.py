@@ -26,7 +26,7 @@ from inference.vision import pixel_values
 from tests.kit import make_shape_image, pixels, prompt_ids
 from tests.llamacpp_vision import LlamaCppVision
 from tests.test_hub import FakeHub
-from training import export_gguf, publish
+from training import export_gguf, hub_upload
 
 QUESTION = "What is in this picture? Describe it in detail, please."
 
@@ -111,7 +111,7 @@ def test_a_linear_projector_exports_the_language_model_alone(gpt2_phi_dir, clip_
 
 def test_the_export_command_pushes_its_folder(weights, tmp_path, monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(publish, "HfApi", lambda: fake)
+    monkeypatch.setattr(hub_upload, "HfApi", lambda: fake)
     export_gguf.main(["--weights", str(weights), "--out", str(tmp_path), "--type", "q8_0", "--push-to-hub", "me/g"])
     (repo, message, files) = fake.commits[0]
     assert repo == "me/g" and "q8_0" in message

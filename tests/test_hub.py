@@ -26,7 +26,7 @@ from inference.projector import PROJECTOR_FILE
 from inference.tiny import random_lora
 from inference.vision import preprocess
 from tests.kit import make_shape_image
-from training import publish, push
+from training import hub_upload, push
 
 TOKEN = "hf_SecretToken0123456789abcdef"
 
@@ -49,7 +49,7 @@ def saved(weights_dir, tmp_path) -> Path:
     folder = tmp_path / "weights"
     shutil.copytree(weights_dir, folder)
     (tmp_path / "log.csv").write_text("step,train_loss\n1,2.0\n")
-    publish.complete_folder(folder, tmp_path, weights_card(folder, {"steps": 1, "final_train_loss": 2.0}))
+    hub_upload.complete_folder(folder, tmp_path, weights_card(folder, {"steps": 1, "final_train_loss": 2.0}))
     return folder
 
 
@@ -97,7 +97,7 @@ class FakeHub:
 
 def test_push_uploads_exactly_the_folder_in_one_commit(saved):
     fake, logged = FakeHub(), []
-    url = publish.push_folder(saved, "me/tiny", private=True, api=fake, log=logged.append)
+    url = hub_upload.push_folder(saved, "me/tiny", private=True, api=fake, log=logged.append)
     assert url == "https://huggingface.co/me/tiny"
     assert fake.repos == [("me/tiny", {"private": True, "exist_ok": True, "repo_type": "model"})]
     assert len(fake.commits) == 1 and fake.commits[0][2] == folder_digest(saved)
@@ -110,14 +110,14 @@ def test_failing_push_is_retried_then_reported_without_the_token(saved, monkeypa
     before = folder_digest(saved)
     flaky = FakeHub([ConnectionError(f"reset (Authorization: Bearer {TOKEN})")])
     waits = []
-    publish.push_folder(saved, "me/tiny", api=flaky, wait=waits.append)
+    hub_upload.push_folder(saved, "me/tiny", api=flaky, wait=waits.append)
     assert len(flaky.commits) == 1 and waits == [2.0]
 
-    down = FakeHub([TimeoutError(f"timed out for {TOKEN}")] * publish.PUSH_ATTEMPTS)
-    with pytest.raises(publish.PublishError) as raised:
-        publish.push_folder(saved, "me/tiny", api=down, wait=waits.append)
+    down = FakeHub([TimeoutError(f"timed out for {TOKEN}")] * hub_upload.PUSH_ATTEMPTS)
+    with pytest.raises(hub_upload.PublishError) as raised:
+        hub_upload.push_folder(saved, "me/tiny", api=down, wait=waits.append)
     message = str(raised.value)
-    assert f"after {publish.PUSH_ATTEMPTS} attempts" in message and "folder is intact" in message
+    assert f"after {hub_upload.PUSH_ATTEMPTS} attempts" in message and "folder is intact" in message
     assert "python -m training.push" in message
     assert TOKEN not in message and TOKEN not in capsys.readouterr().out
     assert folder_digest(saved) == before and not down.commits
@@ -125,15 +125,15 @@ def test_failing_push_is_retried_then_reported_without_the_token(saved, monkeypa
 
 def test_errors_a_retry_cannot_fix_fail_at_once(saved):
     refused = FakeHub([PermissionError("403 Forbidden: you cannot write to me/tiny")])
-    with pytest.raises(publish.PublishError, match=r"after 1 attempt\)"):
-        publish.push_folder(saved, "me/tiny", api=refused, wait=lambda seconds: pytest.fail("retried"))
-    with pytest.raises(publish.PublishError, match="not a Hub repo id"):
-        publish.push_folder(saved, "not a repo", api=FakeHub())
+    with pytest.raises(hub_upload.PublishError, match=r"after 1 attempt\)"):
+        hub_upload.push_folder(saved, "me/tiny", api=refused, wait=lambda seconds: pytest.fail("retried"))
+    with pytest.raises(hub_upload.PublishError, match="not a Hub repo id"):
+        hub_upload.push_folder(saved, "not a repo", api=FakeHub())
 
 
 def test_push_command_pushes_an_existing_folder(saved, monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(publish, "HfApi", lambda: fake)
+    monkeypatch.setattr(hub_upload, "HfApi", lambda: fake)
     assert push.main([str(saved), "me/tiny", "--message", "by hand"]) == "https://huggingface.co/me/tiny"
     assert fake.commits[0][1] == "by hand"
 

@@ -11,7 +11,7 @@ import os
 from inference.measuring import cpu_description
 from tests import speedrun
 from training import refresh
-from training.recipe import RECIPES
+from training.refresh.recipe import RECIPES
 from training.shapes import LEARNING_BARS, accuracy_by_kind
 
 UNTRAINED_BARS = {"colour": 0.5, "position": 0.65, "shape": 0.5}

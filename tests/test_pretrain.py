@@ -28,11 +28,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 from benchmarks import pretrain_gpu
 from inference.cli import UsageError
 from tests.kit import killed_at_step
-from training import prepare_text, pretrain, publish
+from training import hub_upload, prepare_text, pretrain
 from training.config import parse_config
-from training.corpus import split_held_out
 from training.optim import build_optimizer
 from training.pretrain import PretrainConfig
+from training.text_shards import split_held_out
 from training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,19 +268,19 @@ class FakeHub:
 def trained(corpus, tmp_path_factory):
     """A few hundred Adam8bit steps of the tiny phi, pushed to a fake Hub, and the trainer that ran them."""
     output = tmp_path_factory.mktemp("run")
-    trainers, real_fit, real_api = [], Trainer.fit, publish.HfApi
+    trainers, real_fit, real_api = [], Trainer.fit, hub_upload.HfApi
 
     def fit(self):
         trainers.append(self)
         return real_fit(self)
 
-    Trainer.fit, publish.HfApi = fit, FakeHub
+    Trainer.fit, hub_upload.HfApi = fit, FakeHub
     try:
         config = train_config(corpus, output, max_steps=300, eval_every=100, save_every=300, peak_tflops=0.05)
         arguments = config.command_line("training.pretrain").split()[3:]
         summary = pretrain.main([*arguments, "--push-to-hub", "me/tiny-phi"])  # the command line a user types
     finally:
-        Trainer.fit, publish.HfApi = real_fit, real_api
+        Trainer.fit, hub_upload.HfApi = real_fit, real_api
     return output, summary, trainers[0]
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from inference.config import TemplateName
+from inference.dimensions import GPT2_EOS_ID
 from inference.prompt import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER_ID,
@@ -9,7 +10,6 @@ from inference.prompt import (
     Turn,
     render,
 )
-from inference.shapes import GPT2_EOS_ID
 
 PATCHES = 3  # image positions per image in these tests (49 for TinyCLIP)
 TWO_TURNS = Conversation((Turn("What colour is the shape?", "Red."), Turn("Where is it?", "On the left.")))

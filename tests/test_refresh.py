@@ -16,10 +16,11 @@ import pytest
 from inference.cli import UsageError
 from inference.config import Manifest
 from tests import kit
-from training import refresh, refresh_stages
+from training import refresh
 from training.config import parse_config
-from training.recipe import RECIPES, Gpus, Recipe
-from training.refresh_work import Work
+from training.refresh import stages
+from training.refresh.recipe import RECIPES, Gpus, Recipe
+from training.refresh.work import Work
 from training.stage1_align import Stage1Config
 
 TINY = str(RECIPES / "tiny.yaml")
@@ -122,7 +123,7 @@ def test_push_sends_every_product_to_its_repo(smoke, monkeypatch, tmp_path):
         pushed[repo] = (Path(folder), private)
         return f"https://huggingface.co/{repo}"
 
-    monkeypatch.setattr(refresh_stages, "push_folder", push_folder)
+    monkeypatch.setattr(stages, "push_folder", push_folder)
     arguments = ["--recipe", TINY, "--workdir", str(work), "--push-to-hub", "me/tiny", "--private"]
     result = refresh.main([*arguments, "--results", str(tmp_path / "r.md")])
     assert statuses(result)["push"] == "ran"
@@ -158,9 +159,9 @@ def test_with_pretrain_runs_part_one_from_its_own_recipe(smoke, tmp_path):
 def test_several_gpus_launch_the_training_stages_with_accelerate(smoke, monkeypatch):
     work_dir, _, _ = smoke
     launched = []
-    monkeypatch.setattr(refresh_stages.subprocess, "run", lambda command, check: launched.append(command))
+    monkeypatch.setattr(stages.subprocess, "run", lambda command, check: launched.append(command))
     work = Work(work_dir, Recipe.load(TINY), Gpus(2, "NVIDIA A100-SXM4-80GB", 80.0, 312.0), smoke=True)
-    summary = refresh_stages.run_stage(work, "stage1")  # reads the run.json the launched processes write
+    summary = stages.run_stage(work, "stage1")  # reads the run.json the launched processes write
     command = launched[0]
     assert command[:6] == ["accelerate", "launch", "--num_processes", "2", "-m", "training.stage1_align"]
     config = parse_config(Stage1Config, command[6:])
@@ -171,12 +172,12 @@ def test_several_gpus_launch_the_training_stages_with_accelerate(smoke, monkeypa
 def test_pope_files_are_fetched_once(tmp_path, monkeypatch):
     served = tmp_path / "served"
     served.mkdir()
-    for split in refresh_stages.POPE_SPLITS:
+    for split in stages.POPE_SPLITS:
         line = {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat?", "label": "no"}
         (served / f"coco_pope_{split}.json").write_text(json.dumps(line) + "\n")
-    monkeypatch.setattr(refresh_stages, "POPE_URL", served.as_uri() + "/")
-    refresh_stages.fetch_pope(tmp_path / "pope")
+    monkeypatch.setattr(stages, "POPE_URL", served.as_uri() + "/")
+    stages.fetch_pope(tmp_path / "pope")
     fetched = sorted(path.name for path in (tmp_path / "pope").iterdir())
     assert fetched == ["coco_pope_adversarial.json", "coco_pope_popular.json", "coco_pope_random.json"]
     (served / "coco_pope_random.json").unlink()
-    refresh_stages.fetch_pope(tmp_path / "pope")  # present files are not fetched again
+    stages.fetch_pope(tmp_path / "pope")  # present files are not fetched again

@@ -18,7 +18,7 @@ from training.config import TrainConfig, parse_config
 from training.losses import MAX_BAD_STEPS, TrainingStopped, summed_loss
 from training.optim import lr_factor, make_accelerator
 from training.stage1_align import Stage1Config
-from training.trainer import Stage, Trainer, epoch_batches
+from training.trainer import Trainer, TrainingJob, epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--train-data", "train.json", "--image-folder", "images"]
@@ -138,7 +138,7 @@ def test_warmup_is_capped_at_half_a_short_run_and_says_so(tmp_path, capsys):
     model = torch.nn.Linear(2, 1)
     groups = [{"params": list(model.parameters()), "lr": config.lr}]
     no_output = dict(save_weights=lambda *args: None, card=lambda *args: "", count_tokens=len)
-    stage = Stage(model, groups, list, [0] * 10, [], **no_output)
+    stage = TrainingJob(model, groups, list, [0] * 10, [], **no_output)
     trainer = Trainer(config, stage, make_accelerator(config))
     factors = [trainer.scheduler.lr_lambdas[0](step) for step in range(10)]
     assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and max(factors) == 1.0
@@ -167,7 +167,7 @@ def quadratic_trainer(output: Path, data: list[float], **settings) -> Trainer:
     def save(model, folder, summary):
         folder.mkdir(parents=True, exist_ok=True)
 
-    stage = Stage(model, [{"params": list(model.parameters())}], collate, data, [], save, lambda *a: "", len)
+    stage = TrainingJob(model, [{"params": list(model.parameters())}], collate, data, [], save, lambda *a: "", len)
     return Trainer(config, stage, make_accelerator(config))
 
 

@@ -22,10 +22,10 @@ from inference.cli import UsageError
 from inference.precision import Precision
 from inference.vision import VisionTower, load_image, preprocess
 from tests.kit import free_port, make_shape_image, run_killed, with_phi2_dropout
-from training import cache_features, prepare_coco, publish, stage1_align
+from training import cache_features, hub_upload, prepare_coco, stage1_align
 from training.checkpoint import CHECKPOINT, COMPLETE, OLD, STAGING, trainable_checksum
 from training.data import Collator, load_examples
-from training.feature_cache import FeatureCache, FeatureCacheError, open_cache
+from training.feature_shards import FeatureCache, FeatureCacheError, open_cache
 from training.shapes import warm_up_language_model
 from training.stage1_align import Stage1Config
 
@@ -368,7 +368,7 @@ def test_push_to_hub_uploads_each_checkpoint_and_the_complete_final_folder(
             files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
             commits.append((repo_id, commit_message, files))
 
-    monkeypatch.setattr(publish, "HfApi", FakeHub)
+    monkeypatch.setattr(hub_upload, "HfApi", FakeHub)
     output = tmp_path / "run"
     settings = dict(feature_cache=str(features), max_steps=12, save_every=5, push_to_hub="me/stage1")
     config = stage1_config(coco, caption_lm, clip_dir, output, hub_private=True, push_checkpoints=True, **settings)

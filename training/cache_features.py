@@ -23,7 +23,7 @@ from inference.cli import ArgumentParser, command
 from inference.config import TINYCLIP_ID
 from inference.vision import VisionTower, load_image, preprocess
 from training.data import images_of
-from training.feature_cache import (
+from training.feature_shards import (
     done_shards,
     image_stamp,
     model_fingerprint,

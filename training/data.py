@@ -21,7 +21,7 @@ from inference.config import TemplateName
 from inference.prompt import Conversation, Rendered, render
 from inference.vision import VisionTower, load_image, preprocess
 from training.config import ImageTextConfig
-from training.feature_cache import FeatureCache, FeatureCacheError
+from training.feature_shards import FeatureCache, FeatureCacheError
 
 
 class DataError(UsageError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from inference.cli import ArgumentParser, UsageError, command
 from inference.gguf_files import KINDS, Exported, export
 from inference.hub import parse_reference
-from training.publish import push_folder
+from training.hub_upload import push_folder
 
 
 @command

@@ -2,7 +2,7 @@
 
 Both stages train a `MultimodalPhi` on LLaVA-style conversations and publish a weights folder; they
 differ in the model they build and the parameters they train. `multimodal_stage` turns those into the
-`Stage` the loop takes, with everything else shared: how a batch's positions are counted, greedy answers
+`TrainingJob` the loop takes, with everything else shared: how a batch's positions are counted, greedy answers
 to held-out conversations as samples, the one place a stage's manifest is written, and its model card.
 """
 
@@ -19,7 +19,7 @@ from inference.loading import save_weights
 from inference.model import MultimodalPhi
 from inference.prompt import Conversation, Turn
 from training.data import Collator, Example
-from training.trainer import SAMPLE_TOKENS, Stage, to_device
+from training.trainer import SAMPLE_TOKENS, TrainingJob, to_device
 
 # The data sets named on the cards: COCO 2017 captions as the Hub hosts them (stage 1 itself reads the
 # official zips: prepare_coco) and LLaVA-Instruct-150K (stage 2).
@@ -61,8 +61,8 @@ def multimodal_stage(
     held_out: list[Example],
     training: dict[str, Any],
     datasets: tuple[str, ...],
-) -> Stage:
-    """The loop's `Stage` for a multimodal stage whose weights folder `manifest` describes.
+) -> TrainingJob:
+    """The loop's `TrainingJob` for a multimodal stage whose weights folder `manifest` describes.
 
     `training` (stage name, command) is recorded in the saved manifest with the run summary; the
     language model's adapter is saved when the manifest says there is one. Examples are fitted to the
@@ -81,7 +81,7 @@ def multimodal_stage(
     def sample(model: MultimodalPhi, count: int) -> list[dict[str, Any]]:
         return conversation_samples(model, collator, held_out, count)
 
-    return Stage(
+    return TrainingJob(
         model,
         param_groups,
         collator,

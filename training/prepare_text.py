@@ -40,7 +40,8 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.cli import ArgumentParser, command
 from inference.config import atomic_write_text
-from training.corpus import (
+from training.data import DataError
+from training.text_shards import (
     FORMAT,
     HELD_OUT_FILE,
     HUB_PREFIX,
@@ -56,7 +57,6 @@ from training.corpus import (
     split_held_out,
     take_documents,
 )
-from training.data import DataError
 
 PHI_TOKENIZER = "microsoft/phi-1_5"  # GPT-2's BPE (50,257 ids) plus phi's added tokens
 TOKENIZE_BATCH = 512  # documents per tokenizer call: the fast tokenizer works through a call in parallel

@@ -42,14 +42,14 @@ from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerBase
 
 from inference.cards import language_model_card
 from inference.cli import UsageError, command
+from inference.dimensions import PHI15, PHI_SMALL
 from inference.loading import replace_folder
-from inference.shapes import PHI15, PHI_SMALL
 from training.config import TrainConfig, option, parse_config
-from training.corpus import TokenWindows, load_corpus, open_tokenizer
 from training.data import DataError
 from training.optim import gpu_peak_tflops, make_accelerator, resolve_precision
 from training.run_log import throughput
-from training.trainer import SAMPLE_TOKENS, Stage, Trainer
+from training.text_shards import TokenWindows, load_corpus, open_tokenizer
+from training.trainer import SAMPLE_TOKENS, Trainer, TrainingJob
 
 MODULE = "training.pretrain"
 PHI_VOCAB = PHI15.vocab_size  # phi-1.5's embedding rows: its tokenizer's 50,295 ids padded to a multiple of 64
@@ -312,7 +312,7 @@ def run(config: PretrainConfig) -> dict[str, Any]:
             run_summary=summary,
         )
 
-    stage = Stage(
+    stage = TrainingJob(
         model,
         parameter_groups(model, config.lr, config.weight_decay),
         collate,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from inference.cli import ArgumentParser, UsageError, command
 from inference.hub import parse_reference
-from training.publish import PublishError, push_folder
+from training.hub_upload import PublishError, push_folder
 
 
 @command

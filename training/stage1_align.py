@@ -24,7 +24,7 @@ from inference.loading import build_model, new_manifest, pretrained
 from inference.model import MultimodalPhi
 from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
-from training.feature_cache import open_cache
+from training.feature_shards import open_cache
 from training.multimodal import COCO_DATASETS, multimodal_stage
 from training.optim import make_accelerator, precision_dtype, resolve_precision
 from training.trainer import Trainer

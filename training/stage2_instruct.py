@@ -28,12 +28,12 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from inference.cli import UsageError, command
 from inference.config import Manifest, TemplateName
+from inference.dimensions import PHI_LORA_MODULES
 from inference.loading import build_model, resolve_model_reference
 from inference.model import MultimodalPhi
-from inference.shapes import PHI_LORA_MODULES
 from training.config import ImageTextConfig, option, parse_config
 from training.data import load_splits, stage_collator
-from training.feature_cache import open_cache
+from training.feature_shards import open_cache
 from training.multimodal import INSTRUCT_DATASETS, multimodal_stage
 from training.optim import make_accelerator, precision_dtype, resolve_precision
 from training.trainer import Trainer

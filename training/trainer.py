@@ -8,7 +8,7 @@ uninterrupted one would. Checkpoints (trainable weights, optimizer, scheduler, l
 every rank's RNG state, the config) survive a kill at any instant (`training.checkpoint`). A step whose
 loss is not finite is skipped and counted (`training.losses.BadSteps`).
 
-A `Stage` gives the loop everything stage-specific, as arguments: the model and its parameter groups,
+A `TrainingJob` gives the loop everything stage-specific, as arguments: the model and its parameter groups,
 data and collator, how to count a batch's tokens, how to sample generations, how to save the weights
 and write their card. The multimodal stages build theirs with `training.multimodal.multimodal_stage`.
 """
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import CHECKPOINT, crash_point, load_checkpoint, save_checkpoint, trainable_checksum
 from training.config import TrainConfig
+from training.hub_upload import PublishError, complete_folder, push_folder
 from training.losses import BadSteps, mean_finite, summed_loss
 from training.optim import build_optimizer, lr_factor
-from training.publish import PublishError, complete_folder, push_folder
 from training.run_log import append_row, plot_losses, truncate_log
 
 SAMPLE_TOKENS = 32  # length of the sample generations shown at each evaluation
@@ -62,7 +62,7 @@ def epoch_batches(size: int, micro: int, world: int, accumulation: int, seed: in
 
 
 @dataclass
-class Stage:
+class TrainingJob:
     """What a training stage gives the loop."""
 
     model: torch.nn.Module  # any module whose forward(**batch) returns an output with .loss
@@ -86,7 +86,7 @@ class Stage:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, stage: Stage, accelerator: Accelerator) -> None:
+    def __init__(self, config: TrainConfig, stage: TrainingJob, accelerator: Accelerator) -> None:
         self.config = config
         self.stage = stage
         self.accelerator = accelerator

@@ -1,7 +1,7 @@
 """The real models' shapes, each written once: phi-2, phi-1.5, TinyCLIP-ViT-61M and Whisper's English sizes.
 
 Like whisper's `ModelDimensions`, a shape is a small frozen dataclass that makes the model's config.
-Pretraining builds phi-1.5 from one, the benchmarks build random weights of the real shapes from them,
+Pretraining builds phi-1.5 from one, the benchmarks build random weights of the real sizes from them,
 and the tiny stand-ins the tests and `--demo` use are these shapes shrunk with `dataclasses.replace`,
 so they keep the structure (partial rotary, biases, 224 px images in 32 px patches) that is not shrunk.
 """
@@ -14,7 +14,7 @@ from transformers import CLIPVisionConfig, PhiConfig
 
 
 @dataclass(frozen=True)
-class PhiShape:
+class PhiDimensions:
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -29,17 +29,17 @@ class PhiShape:
         return PhiConfig(**(asdict(self) | overrides))
 
 
-PHI2 = PhiShape(2560, 10240, 32, 32, partial_rotary_factor=0.4, resid_pdrop=0.1)
-PHI15 = PhiShape(2048, 8192, 24, 32, partial_rotary_factor=0.5)
-PHI_SMALL = PhiShape(768, 3072, 12, 12, partial_rotary_factor=0.5)  # phi-1.5's structure at GPT-2-small's size
-PHI_SHAPES = {"phi-2": PHI2, "phi-1.5": PHI15, "small": PHI_SMALL}
+PHI2 = PhiDimensions(2560, 10240, 32, 32, partial_rotary_factor=0.4, resid_pdrop=0.1)
+PHI15 = PhiDimensions(2048, 8192, 24, 32, partial_rotary_factor=0.5)
+PHI_SMALL = PhiDimensions(768, 3072, 12, 12, partial_rotary_factor=0.5)  # phi-1.5's structure at GPT-2-small's size
+PHI_SIZES = {"phi-2": PHI2, "phi-1.5": PHI15, "small": PHI_SMALL}
 # The linears of phi's attention and MLP, each given a LoRA (the original project's choice, kept).
 PHI_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 GPT2_EOS_ID = 50256  # <|endoftext|> in GPT-2's vocabulary, which phi-1.5 and phi-2 share
 
 
 @dataclass(frozen=True)
-class VisionShape:
+class VisionDimensions:
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -56,11 +56,11 @@ class VisionShape:
         return CLIPVisionConfig(**(asdict(self) | {"projection_dim": self.hidden_size} | overrides))
 
 
-TINYCLIP_61M = VisionShape(640, 2560, 12, 10)  # TinyCLIP-ViT-61M-32's vision transformer
+TINYCLIP_61M = VisionDimensions(640, 2560, 12, 10)  # TinyCLIP-ViT-61M-32's vision transformer
 
 
 @dataclass(frozen=True)
-class WhisperShape:
+class WhisperDimensions:
     width: int  # audio and text transformer width
     heads: int
     layers: int  # per transformer (encoder and decoder alike)
@@ -77,8 +77,8 @@ class WhisperShape:
         )
 
 
-WHISPER_SHAPES = {
-    "tiny.en": WhisperShape(384, 6, 4),
-    "base.en": WhisperShape(512, 8, 6),
-    "small.en": WhisperShape(768, 12, 12),
+WHISPER_SIZES = {
+    "tiny.en": WhisperDimensions(384, 6, 4),
+    "base.en": WhisperDimensions(512, 8, 6),
+    "small.en": WhisperDimensions(768, 12, 12),
 }

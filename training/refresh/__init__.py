@@ -10,14 +10,14 @@ the Space's weights → GGUF → the Hub, and writes a report.
     python -m training.refresh --recipe training/recipes/tiny.yaml --workdir runs/tiny   # all of it on a CPU
 
 The recipe (training/recipes/phi2.yaml by default) says what is trained on what. Every stage calls the
-project's own command for it, so a stage can also be run by hand; `training/refresh_stages.py` says what
+project's own command for it, so a stage can also be run by hand; `training/refresh/stages.py` says what
 each leaves and how it is checked. A stage whose products are complete is skipped (they are opened and
 checked, not assumed from a marker); an interrupted training stage continues from its last checkpoint
 with --resume, so a pre-empted machine loses at most one checkpoint interval (--save-every in the
 recipe). With several GPUs the training stages run under `accelerate launch`, as their own docs say.
 
 --with-pretrain adds part 1 (phi-1.5 from scratch, the recipe's `pretrain` file). --smoke runs every
-stage on random weights of the recipe's real shapes and synthetic shapes data (no downloads, a few
+stage on random weights of the recipe's real sizes and synthetic shapes data (no downloads, a few
 steps each), prints each stage's time and peak GPU memory and appends them to benchmarks/RESULTS.md.
 At the end: one summary table, and OUT/report.md with the loss plots.
 """
@@ -41,11 +41,11 @@ import torch
 from inference.cli import ArgumentParser, UsageError, command
 from inference.config import atomic_write_text
 from inference.hub import parse_reference
-from training import refresh_stages as stages
-from training.recipe import DEFAULT_RECIPE, Gpus, PretrainRecipe, Recipe
-from training.refresh_work import Work
+from training.refresh import stages
+from training.refresh.recipe import DEFAULT_RECIPE, Gpus, PretrainRecipe, Recipe
+from training.refresh.work import Work
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS.md"
 # Sizes of the real data (for --plan before anything is downloaded).
 COCO_IMAGES, COCO_TRAIN_CAPTIONS, LLAVA_INSTRUCT_CONVERSATIONS, POPE_QUESTIONS = 123_287, 591_753, 157_712, 9_000
 PRETRAIN_MFU = 0.4  # model FLOPs utilisation assumed for part 1's estimate
@@ -100,7 +100,7 @@ def estimate(work: Work, stage: str) -> tuple[float | None, float | None, float]
     def per_second(count: float, key: str) -> float | None:
         return count / (rates[key] * speed) if rates.get(key) else None
 
-    if work.shapes:
+    if work.shapes_data:
         images = sum(work.shape_settings[key] for key in ("train_images", "held_out_images"))
         captions, conversations, questions = images, images, work.shape_settings["held_out_images"] * 4
     else:
@@ -125,7 +125,7 @@ def estimate(work: Work, stage: str) -> tuple[float | None, float | None, float]
     elif stage == "push":  # at about 20 MB/s
         seconds = sum(rates.get("disk_gb", {}).values()) * 1000 / 20
     else:  # merging (and quantizing to int8) or exporting, on the CPU: minutes at phi-2's size
-        seconds = 5.0 if work.shapes else 240.0 if stage == "weights" else 120.0
+        seconds = 5.0 if work.shapes_data else 240.0 if stage == "weights" else 120.0
     return seconds, memory, disk
 
 
@@ -168,7 +168,7 @@ def plan(work: Work, listed: list[Stage]) -> tuple[str, float, dict[str, bool]]:
         lines.append(f"| {stage.name} | {stage.what} | {state} | {time_text} | {memory_text} | {disk:g} GB |")
     free = free_disk_gb(work.root)
     lines.append(f"\nDisk: the stages to run need about {needed:.1f} GB; {free:.1f} GB free at {work.root}.")
-    if not work.gpus.count and not work.shapes:
+    if not work.gpus.count and not work.shapes_data:
         lines.append("No GPU here: the times are the recipe's for one A100; this recipe needs a GPU machine.")
     return "\n".join(lines), needed, complete
 
@@ -256,7 +256,7 @@ def write_report(work: Work, rows: list[dict[str, Any]], argv: list[str]) -> Pat
         f"# Refresh report: {work.recipe.name}",
         "",
         f"- command: `{shlex.join(['python', '-m', 'training.refresh', *argv])}`",
-        f"- recipe: `{work.recipe.path}`{' (--smoke: random weights of the real shapes, a few steps)' * work.smoke}",
+        f"- recipe: `{work.recipe.path}`{' (--smoke: random weights of the real sizes, a few steps)' * work.smoke}",
         f"- machine: {work.gpus.describe()}",
         f"- finished: {datetime.now(UTC).isoformat(timespec='seconds')}",
         "",
@@ -284,7 +284,7 @@ def append_smoke_results(work: Work, rows: list[dict[str, Any]], results: Path) 
     heading = "## training.refresh --smoke"
     text = results.read_text() if results.is_file() else "# Benchmark results\n"
     if heading not in text:
-        text = text.rstrip() + f"\n\n{heading}\n\nAppended by each smoke run (random weights of the real shapes).\n"
+        text = text.rstrip() + f"\n\n{heading}\n\nAppended by each smoke run (random weights of the real sizes).\n"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"\n### {when}, {work.gpus.describe()}, recipe {work.recipe.name}",
@@ -302,7 +302,7 @@ def append_smoke_results(work: Work, rows: list[dict[str, Any]], results: Path) 
 
 @command
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(description=__doc__)
+    parser = ArgumentParser(prog="python -m training.refresh", description=__doc__)
     parser.add_argument("--workdir", type=Path, required=True, help="every product and the report go here")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="training/recipes/*.yaml")
     parser.add_argument("--push-to-hub", default="", help="OWNER/PREFIX: push PREFIX, PREFIX-GGUF, -stage1, -stage2")
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--from", dest="start", help="rerun this stage and every one after it")
     parser.add_argument("--only", help="run this stage only (again, if it is complete)")
     parser.add_argument("--with-pretrain", action="store_true", help="add part 1: pretrain phi-1.5 from scratch")
-    parser.add_argument("--smoke", action="store_true", help="random real shapes, synthetic data, a few steps")
+    parser.add_argument("--smoke", action="store_true", help="random real-size models, synthetic data, a few steps")
     parser.add_argument("--space-weights", type=Path, help="also write the Space's weights here (e.g. weights)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="--smoke appends its table here")
     parser.add_argument("--seed", type=int, default=0)
@@ -355,7 +355,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         append_smoke_results(work, rows, args.results)
         print(f"smoke results appended to {args.results}")
     return {"rows": rows, "report": str(report), "metrics": work.metrics}
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.recipe import Gpus, Recipe
+from training.refresh.recipe import Gpus, Recipe
 
 SMOKE_SHAPES = {"train_images": 32, "held_out_images": 8, "warm_up_steps": 0, "clip_width": 64}
 SMOKE_TRAINING = dict(
@@ -54,7 +54,8 @@ class Work:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # per stage, for the summary
 
     @property
-    def shapes(self) -> bool:
+    def shapes_data(self) -> bool:
+        """Whether the data is the synthetic shapes (`training.shapes`): the tiny recipe, and every smoke run."""
         return self.smoke or self.recipe.data == "shapes"
 
     @property
@@ -64,7 +65,7 @@ class Work:
 
     @property
     def images(self) -> Path:
-        return self.root / "data" / ("shapes" if self.shapes else "coco")
+        return self.root / "data" / ("shapes" if self.shapes_data else "coco")
 
     @property
     def llava(self) -> Path:

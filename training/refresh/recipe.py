@@ -1,7 +1,7 @@
 """Refresh recipes (training/recipes/*.yaml): what `training.refresh` trains, on what, and its estimates.
 
 A recipe names the data (`coco-llava`: COCO 2017 + LLaVA-Instruct-150K; `shapes`: the synthetic set of
-`training.shapes`), the base models (Hub ids, or `shapes` for the tiny stand-ins built on the spot),
+`training.shapes`), the base models (Hub ids, or `tiny` for the tiny stand-ins built on the spot),
 each stage's config fields (`Stage1Config`, `Stage2Config`; the conductor sets the paths), evaluation,
 the GGUF export and the part-1 pretraining recipe. `estimates` feed `--plan` where no stage has been
 measured yet; they are labelled as estimates wherever they are printed.
@@ -19,8 +19,9 @@ import yaml
 
 from inference.cli import UsageError
 
-RECIPES = Path(__file__).parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # training/recipes/
 DEFAULT_RECIPE = RECIPES / "phi2.yaml"
+BUILT_HERE = "tiny"  # as language_model and vision_model: tiny stand-ins built by the models stage
 REFERENCE_TFLOPS = 312.0  # the estimates are for one A100 (dense bf16 peak)
 
 
@@ -28,7 +29,7 @@ REFERENCE_TFLOPS = 312.0  # the estimates are for one A100 (dense bf16 peak)
 class Recipe:
     name: str
     data: Literal["coco-llava", "shapes"]
-    language_model: str
+    language_model: str  # a Hub id, or "tiny" (BUILT_HERE)
     vision_model: str
     vision_feature_layer: int = -2
     held_out: int = 1000  # coco-llava: instruction conversations held out for evaluation
@@ -57,6 +58,8 @@ class Recipe:
             raise UsageError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
         if data.get("data") not in ("coco-llava", "shapes"):
             raise UsageError(f"{path}: data must be coco-llava or shapes, got {data.get('data')!r}")
+        if (data.get("language_model") == BUILT_HERE) != (data.get("vision_model") == BUILT_HERE):
+            raise UsageError(f"{path}: language_model and vision_model are both {BUILT_HERE!r} (built here) or neither")
         for stage in ("stage1", "stage2"):
             paths = {"output_dir", "train_data", "eval_data", "image_folder", "feature_cache", "stage1_weights"}
             if paths & set(data.get(stage) or {}):
@@ -66,7 +69,7 @@ class Recipe:
     @property
     def built_here(self) -> bool:
         """Whether the base models are the tiny stand-ins built by the models stage (not Hub downloads)."""
-        return self.language_model == "shapes"
+        return self.language_model == BUILT_HERE
 
 
 @dataclass

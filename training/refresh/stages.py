@@ -40,13 +40,13 @@ from training import (
     stage2_instruct,
 )
 from training.checkpoint import CHECKPOINT
-from training.corpus import META as CORPUS_META
 from training.data import images_of, read_json_list
 from training.downloads import download
+from training.hub_upload import push_folder
 from training.multimodal import COCO_DATASETS, INSTRUCT_DATASETS
-from training.publish import push_folder
-from training.recipe import PretrainRecipe
-from training.refresh_work import Work
+from training.refresh.recipe import PretrainRecipe
+from training.refresh.work import Work
+from training.text_shards import META as CORPUS_META
 
 LLAVA_INSTRUCT_FILE = "llava_instruct_150k.json"  # in the Hub data set INSTRUCT_DATASETS[0]
 # POPE's COCO question files, at the commit of the POPE repository they were last changed in.
@@ -60,7 +60,7 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 def run_data(work: Work) -> dict[str, Any]:
     from training import shapes
 
-    if work.shapes:
+    if work.shapes_data:
         settings = work.shape_settings
         split_scenes = shapes.make_dataset(
             work.images, work.seed, settings["train_images"], settings["held_out_images"]
@@ -123,7 +123,7 @@ def run_models(work: Work) -> dict[str, Any]:
     from training import shapes
 
     if work.smoke and not work.recipe.built_here:
-        return random_real_shapes(work)
+        return random_real_size_models(work)
     if work.smoke or work.recipe.built_here:
         settings = work.shape_settings
         tokenizer = shapes.build_bpe_tokenizer()
@@ -142,17 +142,17 @@ def run_models(work: Work) -> dict[str, Any]:
     return {"language_model": work.language_model, "vision_model": work.vision_model}
 
 
-def random_real_shapes(work: Work) -> dict[str, Any]:
-    """--smoke on a real recipe: random phi-2 (GPT-2's vocabulary, built offline) and TinyCLIP of the real shapes."""
-    from transformers import CLIPVisionModel, PhiForCausalLM
+def random_real_size_models(work: Work) -> dict[str, Any]:
+    """--smoke on a real recipe: random phi-2 (GPT-2's vocabulary, built offline) and TinyCLIP of the real sizes."""
+    from transformers import CLIPVisionModel
 
     from inference import tiny
-    from inference.shapes import GPT2_EOS_ID, PHI2, TINYCLIP_61M
+    from inference.dimensions import TINYCLIP_61M
+    from inference.standins import random_phi
 
     tokenizer = tiny.build_gpt2_tokenizer()
     torch.manual_seed(work.seed)
-    config = PHI2.config(bos_token_id=GPT2_EOS_ID, eos_token_id=GPT2_EOS_ID)
-    PhiForCausalLM(config).half().save_pretrained(work.models / "phi")  # fp16, as microsoft/phi-2 ships
+    random_phi("phi-2", work.seed).save_pretrained(work.models / "phi")  # fp16, as microsoft/phi-2 ships
     tokenizer.save_pretrained(work.models / "phi")
     CLIPVisionModel(TINYCLIP_61M.config()).save_pretrained(work.models / "clip")
     return {"language_model": "random phi-2 shape", "vision_model": "random TinyCLIP-61M shape"}
@@ -220,13 +220,13 @@ def run_features(work: Work) -> dict[str, Any]:
         work.features,
         work.vision_model,
         work.recipe.vision_feature_layer,
-        num_workers=0 if work.shapes else 4,
+        num_workers=0 if work.shapes_data else 4,
     )
     return {"images": meta["cached"], "failed": len(meta["failed"])}
 
 
 def features_done(work: Work) -> bool:
-    from training.feature_cache import FeatureCacheError, open_cache
+    from training.feature_shards import FeatureCacheError, open_cache
 
     try:
         cache = open_cache(work.features, work.vision_model, work.recipe.vision_feature_layer, work.images)
