@@ -20,7 +20,9 @@ from PIL import Image
 from transformers import TextIteratorStreamer
 
 from inference.backends import Backend, ServingBackend, load_backend
-from inference.config import GenerationOptions, Manifest
+from inference.config import PHI2_ID, TINYCLIP_ID, GenerationOptions, Manifest
+from inference.hub import parse_reference
+from inference.loading import resolve_model_reference
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.serving_cache import SERVING_CACHE
@@ -221,3 +223,21 @@ def choose_weights(reference: str | Path | None) -> str | Path:
 
     print("weights/ holds no trained weights: serving the original project's checkpoint", flush=True)
     return original_weights()
+
+
+def start_references(weights: str | Path | None = None) -> list[str]:
+    """The Hub repos `Assistant.load(weights)` reads at start, found without downloading: a weights repo
+    given by id, and the base models a local weights folder's manifest names (`DEFAULT_WEIGHTS` once
+    trained); without trained weights, the original checkpoint's Space and the base models it is imported
+    over. A Space lists these in its README's `preload_from_hub`, so that it wakes without downloading."""
+    from inference.original import ORIGINAL_SPACE
+
+    if not weights and (DEFAULT_WEIGHTS / "manifest.json").is_file():
+        weights = DEFAULT_WEIGHTS
+    if not weights:
+        return [ORIGINAL_SPACE, PHI2_ID, TINYCLIP_ID]  # the base models import_original puts it over
+    if not Path(weights).is_dir():
+        return [str(weights)]  # its manifest is in the repo: its base models are known once it is downloaded
+    folder, manifest = Path(weights), Manifest.load(Path(weights))
+    references = [resolve_model_reference(folder, name) for name in (manifest.language_model, manifest.vision_model)]
+    return [reference for reference in references if parse_reference(reference) and not Path(reference).exists()]

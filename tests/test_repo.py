@@ -4,6 +4,13 @@ import ast
 import re
 from pathlib import Path
 
+import yaml
+
+from inference import assistant as assistant_module
+from inference.assistant import start_references
+from inference.config import PHI2_ID, TINYCLIP_ID, Manifest
+from inference.original import ORIGINAL_SPACE
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -19,13 +26,30 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "set -euo pipefail" in ci_commands
 
 
+def space_header() -> dict:
+    return yaml.safe_load(README.split("---")[1])
+
+
 def test_readme_starts_with_the_space_header():
-    header = README.split("---")[1]
-    fields = dict(line.split(": ", 1) for line in header.strip().splitlines())
+    fields = space_header()
     assert fields["sdk"] == "gradio" and fields["app_file"] == "app.py"
     requirements = (ROOT / "requirements.txt").read_text()
     assert f"gradio=={fields['sdk_version']}" in requirements
-    assert fields["python_version"].strip('"') == "3.11"
+    assert str(fields["python_version"]) == "3.11"
+
+
+def test_the_space_preloads_every_hub_repo_the_app_loads_at_start(tmp_path, monkeypatch):
+    preloaded = {entry.split()[0] for entry in space_header()["preload_from_hub"]}
+    # Until weights/ holds trained weights the app imports the original checkpoint (two small files from
+    # the original Space, fetched once: README says so) over the same base models.
+    untrained = start_references()
+    assert set(untrained) - {ORIGINAL_SPACE} <= preloaded and len(untrained) == 3
+    trained = tmp_path / "weights"  # what training writes into weights/: its manifest names the base models
+    Manifest(name="trained").save(trained)
+    monkeypatch.setattr(assistant_module, "DEFAULT_WEIGHTS", trained)
+    assert set(start_references()) == {PHI2_ID, TINYCLIP_ID} <= preloaded
+    Manifest(name="elsewhere", language_model="someone/other-phi").save(trained)  # a base model not listed
+    assert not set(start_references()) <= preloaded
 
 
 def test_every_file_in_the_readme_map_exists():
