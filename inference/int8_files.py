@@ -110,7 +110,10 @@ def _int8_module(file, names: set[str], name: str, kind: str, shape: nn.Module) 
     zero_point = file.get_tensor(f"{name}.weight_zero_point")
     weight = torch._make_per_channel_quantized_tensor(file.get_tensor(f"{name}.weight_int8"), scale, zero_point, 0)
     bias = file.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
-    int8 = DynamicLinear(shape.in_features, shape.out_features, bias_=bias is not None, dtype=torch.qint8)
+    # Made 1 × 1 and given its size after: built at full size, it would first pack a full-size empty weight,
+    # which cost as much as packing the real one (fbgemm's prepack is most of a second start).
+    int8 = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
+    int8.in_features, int8.out_features = shape.in_features, shape.out_features
     int8.set_weight_bias(weight, bias)
     if kind == "int8":
         return int8

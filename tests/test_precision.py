@@ -19,7 +19,7 @@ from inference.backends.llamacpp import LlamaCpp
 from inference.backends.pytorch import TorchBackend, load_torch
 from inference.config import GenerationOptions, Manifest
 from inference.gguf_files import export
-from inference.int8_files import INT8_DIR, INT8_FILE, save_int8
+from inference.int8_files import INT8_DIR, INT8_FILE, DynamicLinear, save_int8
 from inference.loading import load_weights
 from inference.precision import DEFAULT_PRECISION, OutlierInt8Linear, Precision
 from inference.serving_cache import int8_source
@@ -236,6 +236,10 @@ def test_int8_is_quantized_once_and_loaded_from_the_cache_after(planted_weights,
     refuse_to_quantize(monkeypatch)
     second = load_torch(planted_weights, Precision.INT8, cache).backend.model.language_model
     assert isinstance(second.model.layers[0].mlp.fc1, OutlierInt8Linear) and same_logits(first, second)
+    int8_layers = [module for module in second.modules() if isinstance(module, DynamicLinear)]
+    assert int8_layers and all(  # each loaded layer knows its real size (it is built 1 × 1, then filled)
+        layer.weight().shape == (layer.out_features, layer.in_features) for layer in int8_layers
+    )
     # Other sources (here the base model's files changed) are quantized afresh; the cache keeps the latest.
     monkeypatch.undo()
     os.utime(planted_weights.parent / "planted-phi" / "model.safetensors", ns=(0, 0))
