@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from inference import Assistant, GenerationOptions, InputError
 from inference.backends import Backend
@@ -30,7 +31,7 @@ from inference.cli import ArgumentParser, UsageError, command
 from inference.config import ManifestError
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.speech import DEFAULT_WHISPER, WINDOW_SECONDS
-from inference.vision import ImageError, image_key, load_image
+from inference.vision import ImageError, image_key, load_image, to_rgb
 
 EXAMPLES_DIR = Path(__file__).parent / "inference" / "examples"
 EXAMPLES = [
@@ -60,15 +61,21 @@ class Exchange:
     spoken: bool = False  # the question came from the microphone or an audio file
 
 
-def upload_key(image: str | None) -> str:
-    """Identifies an uploaded image by its pixels, as the assistant's caches do, so the same picture uploaded
-    again continues the chat; "" when there is none or it cannot be read (the assistant says why)."""
+def open_upload(image: str | None) -> tuple[Image.Image | str | None, str]:
+    """The uploaded image decoded once (upright RGB) and its key by pixels, as the assistant's caches name it,
+    so the same picture uploaded again continues the chat; a missing or unreadable upload stays as it came,
+    with key "" (the assistant then says why)."""
     if image is None or not Path(image).is_file():
-        return ""
+        return image, ""
     try:
-        return image_key(load_image(image))
+        picture = to_rgb(load_image(image))
     except ImageError:
-        return ""
+        return image, ""
+    return picture, image_key(picture)
+
+
+def upload_key(image: str | None) -> str:
+    return open_upload(image)[1]
 
 
 def same_conversation(exchanges: list[Exchange], key: str) -> list[Exchange]:
@@ -94,11 +101,11 @@ def respond(
     options: GenerationOptions | None = None,
 ) -> Iterator[tuple[list[dict[str, str]], list[Exchange]]]:
     """Stream (chat messages, conversation) as the answer grows; a user's mistake becomes a readable error."""
-    key = upload_key(image)
+    picture, key = open_upload(image)
     exchanges = same_conversation(exchanges, key)
     history = [(exchange.question, exchange.answer) for exchange in exchanges]
     try:
-        for reply in assistant.chat(history, image, text=text, audio=audio, options=options):
+        for reply in assistant.chat(history, picture, text=text, audio=audio, options=options):
             if reply.notice and not reply.answer:
                 gr.Warning(reply.notice)
             spoken = reply.transcript is not None

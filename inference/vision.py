@@ -91,9 +91,9 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_key(image: Image.Image) -> str:
-    """Names an image by its RGB pixels and size: the same picture gets the same key however it arrives
-    (uploaded again, or in another file format), so its conversation and its cached embeddings continue."""
-    return hashlib.sha1(to_rgb(image).tobytes(), usedforsecurity=False).hexdigest() + str(image.size)
+    """Names an upright RGB image (`to_rgb`'s) by its pixels and size: the same picture gets the same key however
+    it arrives (uploaded again, or in another file format), so its conversation and cached embeddings continue."""
+    return hashlib.sha1(image.tobytes(), usedforsecurity=False).hexdigest() + str(image.size)
 
 
 def image_problem(path: Path) -> str | None:

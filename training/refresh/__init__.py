@@ -41,11 +41,11 @@ import torch
 from inference.cli import ArgumentParser, UsageError, command
 from inference.config import atomic_write_text
 from inference.hub import parse_reference
+from inference.measuring import RESULTS
 from training.refresh import stages
 from training.refresh.recipe import DEFAULT_RECIPE, Gpus, PretrainRecipe, Recipe
 from training.refresh.work import Work
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS.md"
 # Sizes of the real data (for --plan before anything is downloaded).
 COCO_IMAGES, COCO_TRAIN_CAPTIONS, LLAVA_INSTRUCT_CONVERSATIONS, POPE_QUESTIONS = 123_287, 591_753, 157_712, 9_000
 PRETRAIN_MFU = 0.4  # model FLOPs utilisation assumed for part 1's estimate
