@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -77,7 +79,8 @@ def saved_source(folder: Path) -> str | None:
 
 
 def load_int8(folder: Path) -> PreTrainedModel:
-    """The language model `save_int8` wrote into `folder`, ready to serve."""
+    """The language model `save_int8` wrote into `folder`, ready to serve. Packing the weights for fbgemm's
+    kernels is most of the time; the layers are packed on as many threads as torch uses."""
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -96,8 +99,17 @@ def load_int8(folder: Path) -> PreTrainedModel:
             raise ManifestError(
                 f"{folder / INT8_FILE} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        for name, kind in layout.items():
-            model.set_submodule(name, _int8_module(file, names, name, kind, model.get_submodule(name)))
+        # torch's ops let go of the GIL while packing; a few layers at a time are read, so memory holds no more.
+        workers = torch.get_num_threads()
+        with ThreadPoolExecutor(workers) as pool:
+            packing: deque[tuple[str, Future]] = deque()
+            for name, kind in layout.items():
+                if len(packing) == 2 * workers:
+                    model.set_submodule(*_result(packing.popleft()))
+                module = pool.submit(_int8_module, _int8_tensors(file, names, name), kind, model.get_submodule(name))
+                packing.append((name, module))
+            while packing:
+                model.set_submodule(*_result(packing.popleft()))
     for module in model.modules():  # buffers that are computed, not saved (rotary frequencies)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
             module_type = type(module)
@@ -105,11 +117,19 @@ def load_int8(folder: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def _int8_module(file, names: set[str], name: str, kind: str, shape: nn.Module) -> nn.Module:
-    scale = file.get_tensor(f"{name}.weight_scale")
-    zero_point = file.get_tensor(f"{name}.weight_zero_point")
-    weight = torch._make_per_channel_quantized_tensor(file.get_tensor(f"{name}.weight_int8"), scale, zero_point, 0)
-    bias = file.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
+def _result(packing: tuple[str, Future]) -> tuple[str, nn.Module]:
+    return packing[0], packing[1].result()
+
+
+def _int8_tensors(file, names: set[str], name: str) -> dict[str, torch.Tensor]:
+    prefix = f"{name}."
+    return {key.removeprefix(prefix): file.get_tensor(key) for key in names if key.startswith(prefix)}
+
+
+def _int8_module(tensors: dict[str, torch.Tensor], kind: str, shape: nn.Module) -> nn.Module:
+    scale, zero_point = tensors["weight_scale"], tensors["weight_zero_point"]
+    weight = torch._make_per_channel_quantized_tensor(tensors["weight_int8"], scale, zero_point, 0)
+    bias = tensors.get("bias")
     # Made 1 × 1 and given its size after: built at full size, it would first pack a full-size empty weight,
     # which cost as much as packing the real one (fbgemm's prepack is most of a second start).
     int8 = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
@@ -117,7 +137,7 @@ def _int8_module(file, names: set[str], name: str, kind: str, shape: nn.Module) 
     int8.set_weight_bias(weight, bias)
     if kind == "int8":
         return int8
-    return OutlierInt8Linear(int8, file.get_tensor(f"{name}.columns"), file.get_tensor(f"{name}.outlier_weight"))
+    return OutlierInt8Linear(int8, tensors["columns"], tensors["outlier_weight"])
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
