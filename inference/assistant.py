@@ -23,6 +23,7 @@ from inference.backends import Backend, ServingBackend, load_backend
 from inference.config import PHI2_ID, TINYCLIP_ID, GenerationOptions, Manifest
 from inference.hub import parse_reference
 from inference.loading import resolve_model_reference
+from inference.model import shared_prefix
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.prompt import Conversation, Turn, render
 from inference.serving_cache import SERVING_CACHE
@@ -93,7 +94,20 @@ class Assistant:
             whisper_model, cache = str(whisper_path), folder / "cache"
         loaded = load_backend(choose_weights(weights), backend, precision, gguf, threads, cache)
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
-        return cls(loaded.backend, loaded.tokenizer, loaded.manifest, transcriber)
+        assistant = cls(loaded.backend, loaded.tokenizer, loaded.manifest, transcriber)
+        assistant.warm()
+        return assistant
+
+    def warm(self) -> None:
+        """Before the first question: the KV cache of the text every prompt starts with (`ServingBackend.prepare`)
+        and one image through the vision tower, so no visitor pays for them or for the kernels' first calls."""
+        prompts = [self._prompt([], question, GenerationOptions(max_new_tokens=1))[0] for question in ("A?", "B?")]
+        prefix = prompts[0][: shared_prefix(prompts[0], object(), prompts[1], object())]  # up to the image
+        if prefix:
+            self.backend.prepare(prefix)
+        blank = Image.new("RGB", (self.backend.image_size, self.backend.image_size))
+        with torch.no_grad():
+            self.backend.encode_images(pixel_values([blank], self.backend.image_size))
 
     @property
     def max_positions(self) -> int:

@@ -8,6 +8,7 @@ into ids and streamed tokens back into text is the assistant's job.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,6 +172,13 @@ class MultimodalPhi(nn.Module):
         return tokens
 
     @torch.no_grad()
+    def prefill(self, input_ids: Sequence[int]) -> DynamicCache:
+        """The KV cache of a text-only prompt (no image positions), e.g. the system prompt."""
+        cache = DynamicCache(config=self.language_model.config)
+        self.language_model(inputs_embeds=self.build_inputs([input_ids], None).inputs_embeds, past_key_values=cache)
+        return cache
+
+    @torch.no_grad()
     def generate_batch(
         self, input_ids: Sequence[Sequence[int]], image_embeds: torch.Tensor | None, max_new_tokens: int
     ) -> list[list[int]]:
@@ -210,20 +218,31 @@ class PrefixCache:
     def __init__(self, size: int = 2) -> None:
         self.size = size
         self.entries: list[tuple[list[int], object, DynamicCache]] = []
+        self.pinned: tuple[list[int], DynamicCache] | None = None  # a prefix every prompt starts with
         self.lock = threading.Lock()
 
+    def pin(self, ids: Sequence[int], cache: DynamicCache) -> None:
+        """Keep `cache` (all of `ids`, text only) for good: the system prompt's KV, computed once at start.
+        `take` hands out copies of it, so a question about a new image leaves the other entries alone."""
+        with self.lock:
+            self.pinned = (list(ids), cache)
+
     def take(self, input_ids: Sequence[int], image_key: object) -> DynamicCache | None:
-        """Remove and return the cache sharing the longest prefix with `input_ids`, cut to that prefix."""
+        """Remove and return the cache sharing the longest prefix with `input_ids`, cut to that prefix (a copy
+        of the pinned one when no entry shares more)."""
         with self.lock:
             best, length = None, 0
             for index, (cached, cached_image, _) in enumerate(self.entries):
                 shared = shared_prefix(cached, cached_image, input_ids, image_key)
                 if shared > length:
                     best, length = index, shared
+            pinned = 0 if self.pinned is None else shared_prefix(self.pinned[0], None, input_ids, image_key)
+            if pinned >= length:
+                best, length = None, pinned
             length = min(length, len(input_ids) - 1)  # at least one position must be fed to get logits
-            if best is None or length == 0:
+            if length <= 0:
                 return None
-            _, _, cache = self.entries.pop(best)
+            cache = copy.deepcopy(self.pinned[1]) if best is None else self.entries.pop(best)[2]
         surplus = cache.get_seq_length() - length
         if surplus > 0:
             cache.crop(-surplus)  # transformers 5 crops by the number of positions to drop

@@ -138,6 +138,27 @@ def test_follow_up_questions_reuse_the_kv_cache_and_answer_as_without_it(loaded,
     assert 0 < reused[3] == first_prompt.index(-200)
 
 
+def test_warm_computes_the_system_prompt_once_and_a_new_image_leaves_other_conversations_cached(loaded, monkeypatch):
+    warmed = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
+    warmed.warm()
+    first_prompt = prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    system = first_prompt[: first_prompt.index(-200)]
+    assert warmed.backend.prefixes.pinned[0] == system and not warmed.backend.prefixes.entries
+    reused = reused_positions(warmed.backend.prefixes, monkeypatch)
+    options = GenerationOptions(max_new_tokens=12)
+    blue, green = make_shape_image("blue"), make_shape_image("green")
+    answer = list(warmed.chat([], blue, text="What colour is it?", options=options))[-1].answer
+    fresh = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)  # nothing computed before
+    assert list(fresh.chat([], blue, text="What colour is it?", options=options))[-1].answer == answer
+    assert reused == [len(system)]  # the first visitor's question already found the system prompt
+    # A second visitor with another image takes a copy of the system prompt, not the first visitor's cache,
+    list(warmed.chat([], green, text="What colour is it?", options=options))
+    assert reused[1] == len(system) and warmed.backend.prefixes.pinned[1].get_seq_length() == len(system)
+    # so the first visitor's follow-up still reuses all of their first turn.
+    list(warmed.chat([("What colour is it?", answer)], blue, text="Where is it?", options=options))
+    assert reused[2] >= len(first_prompt) > len(system)
+
+
 def overfit(model, tokenizer, conversation, image, steps=150):
     """Train the tiny model on one example until it repeats the answer (and its end token) greedily."""
     rendered = render(TemplateName.PHI2_CHAT, conversation, tokenizer, image_tokens=model.vision_tower.num_patches)

@@ -149,6 +149,10 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     assert len(model.generate(ids, embeds, sampled)) <= 6
     assert served.backend.max_positions == loaded.model.max_positions
     assert served.backend.describe() == "llama.cpp Q8_0"
+    # Warmed, the context holds the system prompt, and the first question answers as it did without.
+    assistant.warm()
+    assert model.cached and model.cached == ids[: ids.index(-200)]
+    assert [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)][-1] == replies[-1]
 
 
 def test_a_changed_base_model_is_exported_afresh(gpt2_phi_dir, tmp_path):

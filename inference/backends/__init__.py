@@ -52,6 +52,10 @@ class ServingBackend(Protocol):
         to `streamer`; stops early when `stop` is set. `image_key` names the image's pixels, so a cached
         earlier answer about the same image can be reused."""
 
+    def prepare(self, prefix_ids: Sequence[int]) -> None:
+        """Compute once, at start, the KV cache of a text prefix that every prompt begins with (the system
+        prompt): no question computes it again, and the kernels' first-call costs are paid before a visitor."""
+
     def describe(self) -> str:
         """One line for people: what computes the answer, e.g. "PyTorch int8"."""
 

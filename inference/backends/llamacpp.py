@@ -152,6 +152,13 @@ class LlamaCppBackend:
     def describe(self) -> str:
         return f"llama.cpp {self.file.stem.removeprefix('language-model-').upper()}"
 
+    def prepare(self, prefix_ids: Sequence[int]) -> None:
+        """The prefix decoded into the context: the first question shares it (later ones share the last prompt's)."""
+        with self.lock:
+            self.llm.clear()
+            self.llm.decode(list(prefix_ids), np.zeros((0, self.llm.width)), start=0)
+            self.cached, self.cached_image = list(prefix_ids), None
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision.encode_images(pixel_values).float()
 

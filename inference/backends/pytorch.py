@@ -35,6 +35,9 @@ class TorchBackend:
             return f"PyTorch {self.precision.value}"
         return f"PyTorch {str(self.model.language_model.dtype).removeprefix('torch.')}"
 
+    def prepare(self, prefix_ids: Sequence[int]) -> None:
+        self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
 
