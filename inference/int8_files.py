@@ -9,16 +9,18 @@ quantized again, which is what makes a second start fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import struct
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -36,38 +38,94 @@ with warnings.catch_warnings():
 
 def save_int8(model: PreTrainedModel, folder: Path, source: str = "") -> Path:
     """Write `model` (int8 Linear layers, the rest fp32) into `folder`, atomically; `source` names what it
-    was made from (kept in the file's metadata, for `saved_source`)."""
-    tensors: dict[str, torch.Tensor] = {}
+    was made from (kept in the file's metadata, for `saved_source`). One layer's tensors are unpacked at a
+    time and written as they come (`_write_safetensors`), so saving adds one layer to memory, not the model."""
     layout: dict[str, str] = {}
     for name, module in model.named_modules():
         if name.startswith(tuple(f"{done}." for done in layout)):
             continue  # the int8 part of an OutlierInt8Linear: written with it
         inner = module.int8 if isinstance(module, OutlierInt8Linear) else module
-        if not isinstance(inner, DynamicLinear):
-            continue
-        weight, bias = inner._weight_bias()
-        if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
-            raise ValueError(f"{name}: only per-channel int8 weights are written (found {weight.qscheme()})")
-        tensors[f"{name}.weight_int8"] = weight.int_repr()
-        tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales()
-        tensors[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points()
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.detach()
-        if isinstance(module, OutlierInt8Linear):
-            tensors[f"{name}.columns"] = module.columns
-            tensors[f"{name}.outlier_weight"] = module.outlier_weight
-        layout[name] = "outliers" if isinstance(module, OutlierInt8Linear) else "int8"
+        if isinstance(inner, DynamicLinear):
+            layout[name] = "outliers" if isinstance(module, OutlierInt8Linear) else "int8"
     prefixes = tuple(f"{name}." for name in layout)
-    tensors |= {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
+    rest = {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
+    groups = [functools.partial(_int8_layer_tensors, name, model.get_submodule(name)) for name in layout]
+    keys = [f"{name}.{part}" for name in layout for part in LAYER_PARTS] + list(rest)
     staging = folder.with_name(f".{folder.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.config.save_pretrained(staging)
     metadata = {"format": FORMAT, "layout": json.dumps(layout), "source": source}
-    save_file({key: value.contiguous() for key, value in tensors.items()}, staging / INT8_FILE, metadata)
+    _write_safetensors(staging / INT8_FILE, [*groups, lambda: rest], keys, metadata)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+# What an int8 layer is written as (each `name.part`): bias when it has one, the last two for OutlierInt8Linear.
+LAYER_PARTS = ("weight_int8", "weight_scale", "weight_zero_point", "bias", "columns", "outlier_weight")
+
+
+def _int8_layer_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    inner = module.int8 if isinstance(module, OutlierInt8Linear) else module
+    weight, bias = inner._weight_bias()  # unpacked from the kernels' layout: a copy
+    if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
+        raise ValueError(f"{name}: only per-channel int8 weights are written (found {weight.qscheme()})")
+    tensors = {
+        f"{name}.weight_int8": weight.int_repr(),
+        f"{name}.weight_scale": weight.q_per_channel_scales(),
+        f"{name}.weight_zero_point": weight.q_per_channel_zero_points(),
+    }
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.detach()
+    if isinstance(module, OutlierInt8Linear):
+        tensors |= {f"{name}.columns": module.columns, f"{name}.outlier_weight": module.outlier_weight}
+    return tensors
+
+
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+
+
+def _write_safetensors(
+    path: Path, groups: list[Callable[[], dict[str, torch.Tensor]]], keys: list[str], metadata: dict[str, str]
+) -> None:
+    """A safetensors file of the tensors each of `groups` makes when called, one group in memory at a time.
+
+    The format puts a JSON header (names, dtypes, shapes, byte offsets) before the data, so room for it is
+    left first, sized for the names in `keys` (those the groups may make), and the header is written into it
+    once the data is; the format allows trailing spaces in the header, which fill the rest."""
+    entry = len(json.dumps({"dtype": "BOOL", "shape": [2**40] * 4, "data_offsets": [2**50, 2**50]}))
+    room = sum(len(json.dumps(key)) + entry + 2 for key in keys) + len(json.dumps(metadata)) + 64
+    room += -room % 8  # the data starts 8-byte aligned
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset, expected = 0, set(keys)
+    with open(path, "wb") as out:
+        out.seek(8 + room)
+        for group in groups:
+            for key, tensor in group().items():
+                if key not in expected or key in header:
+                    raise ValueError(f"{path.name}: {key} is not one of the expected tensors, or comes twice")
+                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                out.write(memoryview(data))
+                header[key] = {
+                    "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                    "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + data.nbytes],
+                }
+                offset += data.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        out.seek(0)
+        out.write(struct.pack("<Q", room) + encoded.ljust(room, b" "))
 
 
 def saved_source(folder: Path) -> str | None:

@@ -90,3 +90,20 @@ def test_loading_checks_the_manifest_against_the_base_models(tmp_path, weights_d
         load_weights(folder)
     with pytest.raises(ManifestError, match="does not exist"):
         load_weights(tmp_path / "missing")
+
+
+def test_int8_files_are_written_one_group_at_a_time_as_standard_safetensors(tmp_path):
+    from inference.int8_files import _write_safetensors
+
+    first = {"a": torch.randn(3, 5).bfloat16(), "b": torch.tensor(7, dtype=torch.int64)}
+    second = {"c": torch.tensor([True, False]), "d": torch.randint(-128, 127, (4, 2), dtype=torch.int8)}
+    made = []
+    groups = [lambda: made.append(1) or first, lambda: made.append(2) or second]
+    path = tmp_path / "model.safetensors"
+    _write_safetensors(path, groups, ["a", "b", "c", "d", "never made"], {"format": "x"})
+    assert made == [1, 2]
+    loaded = load_file(path)  # safetensors' own reader checks the header, the offsets and the size
+    assert loaded.keys() == first.keys() | second.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in (first | second).items())
+    with pytest.raises(ValueError, match="not one of the expected"):
+        _write_safetensors(path, groups, ["a", "b"], {})
