@@ -267,8 +267,8 @@ def run_method(method: str, folder: Path, threads: int) -> dict:
             times = clock.times
     # Quality against the original's (fp32) tokens, teacher-forced so that errors do not compound; the
     # original runs first and leaves its tokens for the others.
-    reference = folder / "tokens-original.json"
-    if method == "original":
+    reference = folder / "tokens-original.json"  # the first method's tokens: the original's (--served: fp32's)
+    if not reference.exists():
         reference.write_text(json.dumps(tokens))
     forced = json.loads(reference.read_text())
     with torch.no_grad():
@@ -408,6 +408,153 @@ def run_app_start(folder: Path, threads: int, backend: str) -> dict:
     return result | {"first_answer_s": time.perf_counter() - start, "peak": peak_rss()}
 
 
+# ---------------------------------------------------------------- the app as served, per CPU class (--served)
+
+
+def cpu_classes() -> dict[str, dict[str, str]]:
+    """Kernel classes measurable here: the CPU's own; and the AVX2 class where the CPU has more than AVX2."""
+    from inference.measuring import AVX2_KERNELS, cpu_model_and_flags
+
+    classes: dict[str, dict[str, str]] = {"native": {}}
+    if "avx512f" in cpu_model_and_flags()[1]:
+        classes["avx2"] = AVX2_KERNELS
+    return classes
+
+
+def first_token_s(assistant, image, options, **question) -> tuple[float, list[float]]:
+    """Seconds from asking (`Assistant.chat`, as the app calls it) to the answer's first text, and each later
+    reply's arrival."""
+    start, arrivals = time.perf_counter(), []
+    for reply in assistant.chat([], image, options=options, **question):
+        if reply.answer:
+            arrivals.append(time.perf_counter())
+    return arrivals[0] - start, arrivals
+
+
+def run_served(folder: Path, threads: int, cache: Path, first: bool) -> dict:
+    """The app's start (`Assistant.load`, torch int8) and, after the second start, what a visitor waits for."""
+    import functools
+
+    import whisper
+    from PIL import Image
+
+    from inference.assistant import Assistant
+    from inference.config import GenerationOptions
+
+    start = time.perf_counter()
+    whisper_model = str(folder / "whisper.pt")
+    assistant = Assistant.load(folder / "weights", whisper_model=whisper_model, cache=cache, threads=threads)
+    result = {"start_s": time.perf_counter() - start, "start_peak": peak_rss()}
+    if first:
+        return result
+    # Random weights never stop a transcript: decode as many tokens as a 10 s question has (about 30).
+    whisper.DecodingOptions = functools.partial(whisper.DecodingOptions, sample_len=30)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(7)]
+    speech = (rng.standard_normal(16000 * 10) * 0.1).astype(np.float32)
+    one = GenerationOptions(max_new_tokens=1)
+    result["first_question_s"] = first_token_s(assistant, images[0], one, text="What is in this picture?")[0]
+    typed = [first_token_s(assistant, image, one, text="What is in this picture?")[0] for image in images[1:4]]
+    spoken = [first_token_s(assistant, image, one, audio=(16000, speech))[0] for image in images[4:7]]
+    start = time.perf_counter()
+    assistant.transcriber((16000, speech))
+    result["whisper_s"] = time.perf_counter() - start
+    result |= {"typed_s": float(np.median(typed)), "spoken_s": float(np.median(spoken))}
+    clock, model = TokenClock(), assistant.backend.model
+    image_embeds = random_image_embeds(model.language_model.config.hidden_size).to(model.embedding_dtype)
+    ids = prompt_ids(assistant.tokenizer)
+    assistant.backend.generate(ids, image_embeds, GenerationOptions(max_new_tokens=NEW_TOKENS), clock, image_key="x")
+    result["decode_tok_s"] = speeds(0.0, clock.times)["decode_tok_s"]
+    result["peak"] = peak_rss()
+    np.save(folder / f"logits-{cache.name}.npy", served_logits(assistant, folder))
+    return result
+
+
+@torch.no_grad()
+def served_logits(assistant, folder: Path) -> np.ndarray:
+    """Teacher-forced logits on the reference tokens as the app computes them: after the system prompt's KV
+    cache, computed at start (`Assistant.warm`), the rest of the prompt in one pass."""
+    model, tokenizer = assistant.backend.model, assistant.tokenizer
+    ids, forced = prompt_ids(tokenizer), json.loads((folder / "tokens-original.json").read_text())
+    image_embeds = random_image_embeds(model.language_model.config.hidden_size).to(model.embedding_dtype)
+    cache = assistant.backend.prefixes.take(ids + forced, "benchmark")
+    embeds = model.build_inputs([ids + forced], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
+    logits = model.language_model(inputs_embeds=embeds, past_key_values=cache).logits[0]
+    return logits[-len(forced) - 1 : -1].float().numpy()
+
+
+def served(args, folder: Path, env: dict[str, str]) -> str:
+    """fp32's tokens and logits, then per CPU class the app's two starts and its answers' timings."""
+    results, started = {}, time.perf_counter()
+    print("running fp32 (the reference) ...", flush=True)
+    results["fp32"] = child(["--child", "fp32"], folder, args.threads, env)
+    for name, kernels in cpu_classes().items():
+        for start in ("first", "second"):
+            print(f"starting the app ({name} kernels, {start} start) ...", flush=True)
+            extra = ["--child", "served", "--cache", str(folder / f"served-{name}")] + ["--first"] * (start == "first")
+            results.setdefault(name, {})[start] = child(extra, folder, args.threads, env | kernels)
+    reference = results["fp32"]
+    classes = [name for name in results if name != "fp32"]
+    scores = quality(folder, [f"served-{c}" for c in classes], reference["tokens"], reference["prompt_last"], "fp32")
+    return served_report(results, scores, args.threads, time.perf_counter() - started)
+
+
+def child(extra: list[str], folder: Path, threads: int, env: dict[str, str]) -> dict:
+    command = [sys.executable, __file__, *extra, "--folder", str(folder), "--threads", str(threads)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+SERVED_TARGETS = {  # issue 28's aims: (AVX2 class, VNNI/AMX class)
+    "typed_s": (2.5, 1.0),
+    "spoken_s": (3.5, 1.5),
+}
+
+
+def served_report(results: dict, scores: dict, threads: int, seconds: float) -> str:
+    from inference.measuring import AVX2_KERNELS
+
+    lines = [
+        f"### The app as served, phi-2 shape ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"`python benchmarks/cpu_inference.py --served` on {cpu_description()}, {os.cpu_count()} cores, {threads} "
+        f"threads; the whole run took {seconds / 60:.1f} min. Each row is one CPU class on this machine: native (its "
+        f"own kernels) and avx2 ({' '.join(f'{k}={v}' for k, v in AVX2_KERNELS.items())}: the kernels an AVX2-only "
+        "CPU runs, at this machine's clock and memory). The app (`Assistant.load` as app.py calls it, torch int8, "
+        "whisper base.en and TinyCLIP) starts from the fp16 shards (first start: quantizes and saves the int8 model), "
+        "then again from what it saved (second start), each in a fresh process.",
+        "",
+        "After the second start, each question about a new 640×480 image, through `Assistant.chat` as the app asks: "
+        "first question after start; typed → first token (median of 3); spoken → first token (a 10 s recording "
+        "transcribed to 30 tokens, median of 3); whisper alone on that recording; decode rate of a 64-token answer; "
+        "and the served model's teacher-forced logits (the system prompt's KV from the start, the rest in one pass) "
+        "against fp32's on fp32's 64 greedy tokens, at the positions whose input carries no planted outlier.",
+        "",
+        "| CPU class | first start | peak RSS | second start | peak RSS | first question | typed → first token "
+        "| spoken → first token | whisper | decode | logit cosine (min) | top-1 | peak RSS in all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in (n for n in results if n != "fp32"):
+        first, second = results[name]["first"], results[name]["second"]
+        agreement, cosine = scores[f"served-{name}"][:2]
+        lines.append(
+            f"| {name} | {first['start_s']:.1f} s | {gb(first['start_peak'])} | {second['start_s']:.1f} s | "
+            f"{gb(second['start_peak'])} | {second['first_question_s']:.2f} s | {second['typed_s']:.2f} s | "
+            f"{second['spoken_s']:.2f} s | {second['whisper_s']:.2f} s | {second['decode_tok_s']:.2f} tok/s | "
+            f"{cosine:.4f} | {agreement:.0%} | {gb(second['peak'])} |"
+        )
+    (avx2_typed, vnni_typed), (avx2_spoken, vnni_spoken) = SERVED_TARGETS["typed_s"], SERVED_TARGETS["spoken_s"]
+    lines += [
+        "",
+        f"Aims (issue 28): typed ≤ {avx2_typed} s on the AVX2 class, ≤ {vnni_typed} s with VNNI/AMX; spoken ≤ "
+        f"{avx2_spoken} s / ≤ {vnni_spoken} s; second start ≤ 15 s; every peak ≤ 6.5 GB; logit cosine ≥ {MIN_COSINE}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -415,11 +562,13 @@ def gb(value: float) -> str:
     return f"{value / 1e9:.1f} GB"
 
 
-def quality(folder: Path, methods: list[str], original_tokens: list[int], prompt_last: int) -> dict[str, tuple]:
+def quality(
+    folder: Path, methods: list[str], original_tokens: list[int], prompt_last: int, reference: str = "original"
+) -> dict[str, tuple]:
     """Per method, teacher-forced on the original's tokens: top-1 agreement with them, min logit cosine and max
-    logit error / logit range against fp32, over the answer positions whose input is not an outlier-carrying
-    token (the prompt's first token and "\n" carry the planted massive activation)."""
-    reference = torch.from_numpy(np.load(folder / "logits-original.npy"))
+    logit error / logit range against fp32 (`reference`'s logits), over the answer positions whose input is not an
+    outlier-carrying token (the prompt's first token and "\n" carry the planted massive activation)."""
+    reference = torch.from_numpy(np.load(folder / f"logits-{reference}.npy"))
     massive = set(json.loads((folder / "outliers.json").read_text())["massive_tokens"])
     inputs = [prompt_last, *original_tokens[:-1]]  # the token each scored position reads
     keep = torch.tensor([token not in massive for token in inputs])
@@ -537,10 +686,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all that can run here")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
     parser.add_argument(
-        "--child", choices=[*METHODS, *(f"app-start-{b}" for b in APP_BACKENDS)], help=argparse.SUPPRESS
+        "--served",
+        action="store_true",
+        help="only the app as served, on each CPU class this machine can run (starts, typed and spoken first "
+        "token, fidelity against fp32): about 15 min for phi-2",
+    )
+    parser.add_argument(
+        "--child", choices=[*METHODS, *(f"app-start-{b}" for b in APP_BACKENDS), "served"], help=argparse.SUPPRESS
     )
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child == "served":
+        print(json.dumps(run_served(args.folder, args.threads, args.cache, args.first)))
+        return {}
     if args.child and args.child.startswith("app-start-"):
         print(json.dumps(run_app_start(args.folder, args.threads, args.child.removeprefix("app-start-"))))
         return {}
@@ -555,6 +715,16 @@ def main(argv: list[str] | None = None) -> dict:
     if problem and set(methods) & set(LLAMA_CPP_METHODS):
         parser.error(problem)
     size = "small" if args.small else "phi-2"
+    if args.served:
+        with tempfile.TemporaryDirectory(prefix="cpu-inference-") as tmp:
+            print(f"building random checkpoints of the {size} shape in {tmp} ...", flush=True)
+            build_checkpoints(Path(tmp), size)
+            os.sync()
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+            table = served(args, Path(tmp), env).replace("phi-2 shape", f"{size} shape")
+        print(table)
+        write_section(table, f"### The app as served, {size} shape", args.results)
+        return {}
     started = time.perf_counter()
     results, notes = {}, {"lines": [f"llama.cpp not measured: {problem}."] if problem else []}
     with tempfile.TemporaryDirectory(prefix="cpu-inference-") as tmp:

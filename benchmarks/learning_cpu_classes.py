@@ -5,9 +5,9 @@ both stages, the held-out evaluation through `Assistant`) in its own process, wh
 kernels torch, MKL and oneDNN use:
 
 - native: whatever this CPU's libraries choose (AVX-512, VNNI, AMX on a recent Xeon; AVX2 on AMD EPYC)
-- avx2: `inference.measuring.AVX2_KERNELS` (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA),
-  the AVX2 class on an AVX-512 machine
-- with --each-setting, seed 0 also runs under each of the three settings alone, to show which one moves it
+- avx2: `inference.measuring.AVX2_KERNELS` (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA,
+  FBGEMM_ENABLE_INSTRUCTIONS), the AVX2 class on an AVX-512 machine
+- with --each-setting, seed 0 also runs under each of those settings alone, to show which one moves it
 
 Reported per cell: accuracy per kind of held-out question after training, stage 2's held-out loss, the
 same base models untrained (fresh projector, no adapter), and the time; then the lowest accuracy per

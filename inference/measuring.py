@@ -1,9 +1,10 @@
 """What every measurement carries: the CPU it ran on, and the results file it is written to.
 
-Results on a CPU depend on its class: torch (ATen), MKL and oneDNN each pick their kernels from the
-instruction sets they find, and different kernels round differently. A newer CPU runs an older class's
-kernels when all three are told so (`AVX2_KERNELS`); ATen's setting alone leaves MKL's and oneDNN's
-choices, which move training results most, unchanged.
+Results on a CPU depend on its class: torch (ATen), MKL, oneDNN and fbgemm (the int8 kernels that serve the
+language model) each pick their kernels from the instruction sets they find, and different kernels round
+differently and run at different speeds. A newer CPU runs an older class's kernels when all four are told
+so (`AVX2_KERNELS`); ATen's setting alone leaves MKL's and oneDNN's choices, which move training results
+most, and fbgemm's, which set int8 serving's speed, unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
 # Instruction sets that decide which matrix kernels run: AVX2 (AMD EPYC as CPU Basic and CI may get),
 # AVX-512 and VNNI (Intel Xeon), bf16 and AMX (Sapphire Rapids and later).
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-# The environment that makes torch, MKL and oneDNN use their AVX2 kernels on an AVX-512 machine.
-AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# The environment that makes torch, MKL, oneDNN and fbgemm use their AVX2 kernels on an AVX-512 machine.
+AVX2_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
