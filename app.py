@@ -78,6 +78,14 @@ def upload_key(image: str | None) -> str:
     return open_upload(image)[1]
 
 
+def read_upload(assistant: Assistant, image: str | None) -> None:
+    """Start on an uploaded image while its visitor types or speaks (`Assistant.look`); a bad upload is left
+    for the question to report."""
+    picture, key = open_upload(image)
+    if key:
+        assistant.look(picture)
+
+
 def same_conversation(exchanges: list[Exchange], key: str) -> list[Exchange]:
     """The exchanges about the image `key`: a new image starts a new conversation, whatever the events' order."""
     return exchanges if exchanges and exchanges[-1].image == key else []
@@ -239,6 +247,17 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
         # A new image starts a new conversation: shown at once here, and enforced by `respond` even when
         # this event arrives after a question asked during the upload.
         image.change(lambda: ([], []), None, [chatbot, exchanges], **private)
+        # Read a new image while its question is typed or spoken, in the generation queue: the question only
+        # computes its own positions (one computation at a time still, so no visitor slows another).
+        image.change(
+            lambda image: read_upload(assistant, image),
+            [image],
+            None,
+            concurrency_limit=1,
+            concurrency_id="generate",
+            show_progress="hidden",
+            api_visibility="private",
+        )
     return demo
 
 

@@ -450,16 +450,21 @@ def run_served(folder: Path, threads: int, cache: Path, first: bool) -> dict:
     # Random weights never stop a transcript: decode as many tokens as a 10 s question has (about 30).
     whisper.DecodingOptions = functools.partial(whisper.DecodingOptions, sample_len=30)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(7)]
+    images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(13)]
     speech = (rng.standard_normal(16000 * 10) * 0.1).astype(np.float32)
     one = GenerationOptions(max_new_tokens=1)
-    result["first_question_s"] = first_token_s(assistant, images[0], one, text="What is in this picture?")[0]
-    typed = [first_token_s(assistant, image, one, text="What is in this picture?")[0] for image in images[1:4]]
-    spoken = [first_token_s(assistant, image, one, audio=(16000, speech))[0] for image in images[4:7]]
+    question = {"typed": {"text": "What is in this picture?"}, "spoken": {"audio": (16000, speech)}}
+    result["first_question_s"] = first_token_s(assistant, images[0], one, **question["typed"])[0]
+    for index, (kind, read) in enumerate([(kind, read) for read in (False, True) for kind in question]):
+        times = []
+        for image in images[1 + 3 * index : 4 + 3 * index]:
+            if read:  # uploaded before the question: the app reads it while the question is typed or spoken
+                assistant.look(image)
+            times.append(first_token_s(assistant, image, one, **question[kind])[0])
+        result[f"{kind}{'_read' * read}_s"] = float(np.median(times))
     start = time.perf_counter()
     assistant.transcriber((16000, speech))
     result["whisper_s"] = time.perf_counter() - start
-    result |= {"typed_s": float(np.median(typed)), "spoken_s": float(np.median(spoken))}
     clock, model = TokenClock(), assistant.backend.model
     image_embeds = random_image_embeds(model.language_model.config.hidden_size).to(model.embedding_dtype)
     ids = prompt_ids(assistant.tokenizer)
@@ -526,14 +531,17 @@ def served_report(results: dict, scores: dict, threads: int, seconds: float) -> 
         "whisper base.en and TinyCLIP) starts from the fp16 shards (first start: quantizes and saves the int8 model), "
         "then again from what it saved (second start), each in a fresh process.",
         "",
-        "After the second start, each question about a new 640×480 image, through `Assistant.chat` as the app asks: "
-        "first question after start; typed → first token (median of 3); spoken → first token (a 10 s recording "
-        "transcribed to 30 tokens, median of 3); whisper alone on that recording; decode rate of a 64-token answer; "
-        "and the served model's teacher-forced logits (the system prompt's KV from the start, the rest in one pass) "
-        "against fp32's on fp32's 64 greedy tokens, at the positions whose input carries no planted outlier.",
+        "After the second start, each question about a new 640×480 image, through `Assistant.chat` as the app asks "
+        "(medians of 3): first question after start; typed and spoken → first token, asked with the upload, and "
+        "asked after the app read the upload (`Assistant.look`, which the app runs while the question is typed or "
+        "spoken); a spoken question is a 10 s recording transcribed to 30 tokens; whisper alone on that recording; "
+        "decode rate of a 64-token answer; and the served model's teacher-forced logits (the system prompt's KV from "
+        "the start, the rest in one pass) against fp32's on fp32's 64 greedy tokens, at the positions whose input "
+        "carries no planted outlier.",
         "",
         "| CPU class | first start | peak RSS | second start | peak RSS | first question | typed → first token "
-        "| spoken → first token | whisper | decode | logit cosine (min) | top-1 | peak RSS in all |",
+        "(with upload / read) | spoken → first token (with upload / read) | whisper | decode | logit cosine (min) "
+        "| top-1 | peak RSS in all |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in (n for n in results if n != "fp32"):
@@ -541,8 +549,9 @@ def served_report(results: dict, scores: dict, threads: int, seconds: float) -> 
         agreement, cosine = scores[f"served-{name}"][:2]
         lines.append(
             f"| {name} | {first['start_s']:.1f} s | {gb(first['start_peak'])} | {second['start_s']:.1f} s | "
-            f"{gb(second['start_peak'])} | {second['first_question_s']:.2f} s | {second['typed_s']:.2f} s | "
-            f"{second['spoken_s']:.2f} s | {second['whisper_s']:.2f} s | {second['decode_tok_s']:.2f} tok/s | "
+            f"{gb(second['start_peak'])} | {second['first_question_s']:.2f} s | {second['typed_s']:.2f} s / "
+            f"{second['typed_read_s']:.2f} s | {second['spoken_s']:.2f} s / {second['spoken_read_s']:.2f} s | "
+            f"{second['whisper_s']:.2f} s | {second['decode_tok_s']:.2f} tok/s | "
             f"{cosine:.4f} | {agreement:.0%} | {gb(second['peak'])} |"
         )
     (avx2_typed, vnni_typed), (avx2_spoken, vnni_spoken) = SERVED_TARGETS["typed_s"], SERVED_TARGETS["spoken_s"]

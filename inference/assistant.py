@@ -25,7 +25,7 @@ from inference.hub import parse_reference
 from inference.loading import resolve_model_reference
 from inference.model import shared_prefix
 from inference.precision import DEFAULT_PRECISION, Precision
-from inference.prompt import Conversation, Turn, render
+from inference.prompt import IMAGE_PLACEHOLDER_ID, Conversation, Turn, render
 from inference.serving_cache import SERVING_CACHE
 from inference.speech import DEFAULT_WHISPER, AudioError, AudioInput, Transcriber, Transcript
 from inference.vision import ImageError, image_key, load_image, pixel_values, to_rgb
@@ -101,13 +101,31 @@ class Assistant:
     def warm(self) -> None:
         """Before the first question: the KV cache of the text every prompt starts with (`ServingBackend.prepare`)
         and one image through the vision tower, so no visitor pays for them or for the kernels' first calls."""
-        prompts = [self._prompt([], question, GenerationOptions(max_new_tokens=1))[0] for question in ("A?", "B?")]
-        prefix = prompts[0][: shared_prefix(prompts[0], object(), prompts[1], object())]  # up to the image
+        prefix = self._question_prefix(image=False)
         if prefix:
             self.backend.prepare(prefix)
         blank = Image.new("RGB", (self.backend.image_size, self.backend.image_size))
         with torch.no_grad():
             self.backend.encode_images(pixel_values([blank], self.backend.image_size))
+
+    def look(self, image: Image.Image | str | Path) -> None:
+        """Read `image` before its first question comes (the app calls this when it is uploaded): its
+        embeddings, and the KV cache of a first question's prompt up to the question (system prompt, template,
+        image), so that the question computes only its own positions. An image that cannot be used is left
+        for `chat` to refuse."""
+        try:
+            key, image_embeds = self._encode(image)
+        except InputError:
+            return
+        prefix = self._question_prefix(image=True)
+        if IMAGE_PLACEHOLDER_ID in prefix:  # templates put the image before the question
+            self.backend.prepare(prefix, image_embeds, key)
+
+    def _question_prefix(self, image: bool) -> list[int]:
+        """What every first question's prompt starts with: up to the image (`image` False) or through it."""
+        prompts = [self._prompt([], question, GenerationOptions(max_new_tokens=1))[0] for question in ("A?", "B?")]
+        keys = ("same", "same") if image else (object(), object())  # different images end the prefix there
+        return prompts[0][: shared_prefix(prompts[0], keys[0], prompts[1], keys[1])]
 
     @property
     def max_positions(self) -> int:

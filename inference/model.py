@@ -172,10 +172,14 @@ class MultimodalPhi(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def prefill(self, input_ids: Sequence[int]) -> DynamicCache:
-        """The KV cache of a text-only prompt (no image positions), e.g. the system prompt."""
-        cache = DynamicCache(config=self.language_model.config)
-        self.language_model(inputs_embeds=self.build_inputs([input_ids], None).inputs_embeds, past_key_values=cache)
+    def prefill(
+        self, input_ids: Sequence[int], image_embeds: torch.Tensor | None = None, past: DynamicCache | None = None
+    ) -> DynamicCache:
+        """The KV cache of a prompt's beginning (the system prompt; or up to the question, image included),
+        continuing `past` when given (the KV of its first positions)."""
+        cache = past if past is not None else DynamicCache(config=self.language_model.config)
+        inputs_embeds = self.build_inputs([input_ids], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
+        self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache)
         return cache
 
     @torch.no_grad()
@@ -226,6 +230,11 @@ class PrefixCache:
         `take` hands out copies of it, so a question about a new image leaves the other entries alone."""
         with self.lock:
             self.pinned = (list(ids), cache)
+
+    def covered(self, input_ids: Sequence[int], image_key: object) -> int:
+        """Leading positions of `input_ids` that an entry (not the pinned one) already holds."""
+        with self.lock:
+            return max((shared_prefix(ids, image, input_ids, image_key) for ids, image, _ in self.entries), default=0)
 
     def take(self, input_ids: Sequence[int], image_key: object) -> DynamicCache | None:
         """Remove and return the cache sharing the longest prefix with `input_ids`, cut to that prefix (a copy

@@ -47,6 +47,17 @@ def test_spoken_questions_are_marked_and_notices_become_warnings(assistant, imag
     assert exchanges[0].spoken and messages[0]["content"] == f"🎤 {exchanges[0].question}"
 
 
+def test_an_uploaded_image_is_read_before_its_question(assistant, image_path, tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr(assistant, "look", read.append)
+    app.read_upload(assistant, image_path)
+    assert len(read) == 1 and app.image_key(read[0]) == app.upload_key(image_path)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for nothing in (None, str(tmp_path / "missing.png"), str(tmp_path / "bad.png")):
+        app.read_upload(assistant, nothing)
+    assert len(read) == 1
+
+
 def test_user_errors_become_readable_gradio_errors(assistant):
     with pytest.raises(gr.Error, match="Upload an image"):
         list(app.respond(assistant, None, "What is it?", None, []))

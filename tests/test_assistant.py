@@ -159,6 +159,23 @@ def test_warm_computes_the_system_prompt_once_and_a_new_image_leaves_other_conve
     assert reused[2] >= len(first_prompt) > len(system)
 
 
+def test_an_image_read_on_upload_leaves_its_question_only_its_own_positions(loaded, monkeypatch):
+    reading = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
+    reading.warm()
+    reused = reused_positions(reading.backend.prefixes, monkeypatch)
+    blue, options = make_shape_image("blue"), GenerationOptions(max_new_tokens=12)
+    reading.look(blue)  # as the app does on upload
+    answer = list(reading.chat([], blue, text="What colour is it?", options=options))[-1].answer
+    fresh = Assistant(TorchBackend(loaded.model), loaded.tokenizer, loaded.manifest)
+    assert list(fresh.chat([], blue, text="What colour is it?", options=options))[-1].answer == answer
+    first_prompt = prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    image_end = first_prompt.index(-200) + loaded.manifest.image_tokens
+    assert reused[0] == first_prompt.index(-200) and reused[1] >= image_end  # the question found the image read
+    reading.look(blue)  # again: the conversation already holds it, and keeps its cache for a follow-up
+    reading.look(Image.new("RGB", (0, 0)))  # unusable: left for the question to refuse
+    assert len(reused) == 2 and len(reading.backend.prefixes.entries) == 1
+
+
 def overfit(model, tokenizer, conversation, image, steps=150):
     """Train the tiny model on one example until it repeats the answer (and its end token) greedily."""
     rendered = render(TemplateName.PHI2_CHAT, conversation, tokenizer, image_tokens=model.vision_tower.num_patches)

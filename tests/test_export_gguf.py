@@ -153,6 +153,13 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     assistant.warm()
     assert model.cached and model.cached == ids[: ids.index(-200)]
     assert [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)][-1] == replies[-1]
+    # An image read on upload: the context holds the prompt through it, and the question answers as without.
+    red = make_shape_image("red")
+    model.cached = []
+    unread = [reply.answer for reply in assistant.chat([], red, "What is it?", options=options)][-1]
+    assistant.look(red)
+    assert model.cached.count(-200) == loaded.manifest.image_tokens and model.cached[-1] != -200
+    assert [reply.answer for reply in assistant.chat([], red, "What is it?", options=options)][-1] == unread
 
 
 def test_a_changed_base_model_is_exported_afresh(gpt2_phi_dir, tmp_path):

@@ -52,9 +52,11 @@ class ServingBackend(Protocol):
         to `streamer`; stops early when `stop` is set. `image_key` names the image's pixels, so a cached
         earlier answer about the same image can be reused."""
 
-    def prepare(self, prefix_ids: Sequence[int]) -> None:
-        """Compute once, at start, the KV cache of a text prefix that every prompt begins with (the system
-        prompt): no question computes it again, and the kernels' first-call costs are paid before a visitor."""
+    def prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None = None, image_key: str = "") -> None:
+        """Compute ahead the KV cache of a prompt's beginning. Without an image, at start: the text every prompt
+        begins with (the system prompt), kept for good; no question computes it again, and the kernels'
+        first-call costs are paid before a visitor. With an image (its embeddings and key), when it is
+        uploaded: the prompt up to the question, which a question about that image then finds cached."""
 
     def describe(self) -> str:
         """One line for people: what computes the answer, e.g. "PyTorch int8"."""

@@ -152,12 +152,10 @@ class LlamaCppBackend:
     def describe(self) -> str:
         return f"llama.cpp {self.file.stem.removeprefix('language-model-').upper()}"
 
-    def prepare(self, prefix_ids: Sequence[int]) -> None:
-        """The prefix decoded into the context: the first question shares it (later ones share the last prompt's)."""
+    def prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None = None, image_key: str = "") -> None:
+        """The prefix decoded into the one context, where the next question finds it."""
         with self.lock:
-            self.llm.clear()
-            self.llm.decode(list(prefix_ids), np.zeros((0, self.llm.width)), start=0)
-            self.cached, self.cached_image = list(prefix_ids), None
+            self._feed(list(prefix_ids), self._rows(image_embeds), image_key or None)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision.encode_images(pixel_values).float()
@@ -174,15 +172,9 @@ class LlamaCppBackend:
         """Answer one prompt; returns the new token ids (ending with the end-of-text id if it stopped there)."""
         options = options or GenerationOptions()
         input_ids = list(input_ids)
-        image_key = image_key or object()  # an unnamed image matches no other
-        embeds = image_embeds[0].float().numpy() if image_embeds is not None else np.zeros((0, self.llm.width))
+        embeds = self._rows(image_embeds)
         with self.lock:
-            shared = min(shared_prefix(self.cached, self.cached_image, input_ids, image_key), len(input_ids) - 1)
-            self.llm.forget_from(shared)
-            self.cached, self.cached_image = input_ids[:shared], image_key
-            rows = input_ids[:shared].count(IMAGE_PLACEHOLDER_ID)  # image rows the kept cache already holds
-            logits = self.llm.decode(input_ids[shared:], embeds[rows:], start=shared)
-            self.cached = list(input_ids)
+            logits = self._feed(input_ids, embeds, image_key or object())  # an unnamed image matches no other
             if streamer is not None:
                 streamer.put(torch.tensor([input_ids]))  # the prompt, which the streamer skips
             tokens: list[int] = []
@@ -198,6 +190,19 @@ class LlamaCppBackend:
             if streamer is not None:
                 streamer.end()
         return tokens
+
+    def _rows(self, image_embeds: torch.Tensor | None) -> np.ndarray:
+        return image_embeds[0].float().numpy() if image_embeds is not None else np.zeros((0, self.llm.width))
+
+    def _feed(self, input_ids: list[int], embeds: np.ndarray, image_key: object) -> np.ndarray:
+        """Decode `input_ids` into the context after the longest prefix it already holds; the last logits."""
+        shared = min(shared_prefix(self.cached, self.cached_image, input_ids, image_key), len(input_ids) - 1)
+        self.llm.forget_from(shared)
+        self.cached, self.cached_image = input_ids[:shared], image_key
+        rows = input_ids[:shared].count(IMAGE_PLACEHOLDER_ID)  # image rows the kept cache already holds
+        logits = self.llm.decode(input_ids[shared:], embeds[rows:], start=shared)
+        self.cached = list(input_ids)
+        return logits
 
 
 def next_token(logits: np.ndarray, generated: list[int], options: GenerationOptions) -> int:

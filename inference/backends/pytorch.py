@@ -35,8 +35,12 @@ class TorchBackend:
             return f"PyTorch {self.precision.value}"
         return f"PyTorch {str(self.model.language_model.dtype).removeprefix('torch.')}"
 
-    def prepare(self, prefix_ids: Sequence[int]) -> None:
-        self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids))
+    def prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None = None, image_key: str = "") -> None:
+        if image_embeds is None:
+            self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids))
+        elif self.prefixes.covered(prefix_ids, image_key) < len(prefix_ids):  # else a conversation already has it
+            past = self.prefixes.take(prefix_ids, image_key)  # the system prompt's (a copy)
+            self.prefixes.put(prefix_ids, image_key, self.model.prefill(prefix_ids, image_embeds, past))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
