@@ -421,6 +421,13 @@ def cpu_classes() -> dict[str, dict[str, str]]:
     return classes
 
 
+# About 10 s spoken: what a 10 s recording's 30 whisper tokens say.
+SPOKEN_QUESTION = (
+    "Could you tell me what the people in this picture are doing, what colour the car on the left is, "
+    "and whether it looks like it is about to rain?"
+)
+
+
 def first_token_s(assistant, image, options, **question) -> tuple[float, list[float]]:
     """Seconds from asking (`Assistant.chat`, as the app calls it) to the answer's first text, and each later
     reply's arrival."""
@@ -433,6 +440,7 @@ def first_token_s(assistant, image, options, **question) -> tuple[float, list[fl
 
 def run_served(folder: Path, threads: int, cache: Path, first: bool) -> dict:
     """The app's start (`Assistant.load`, torch int8) and, after the second start, what a visitor waits for."""
+    import dataclasses
     import functools
 
     import whisper
@@ -447,8 +455,11 @@ def run_served(folder: Path, threads: int, cache: Path, first: bool) -> dict:
     result = {"start_s": time.perf_counter() - start, "start_peak": peak_rss()}
     if first:
         return result
-    # Random weights never stop a transcript: decode as many tokens as a 10 s question has (about 30).
+    # Random weights never stop a transcript and hear no words: decode as many tokens as a 10 s question has
+    # (about 30), and hand on the text of such a question, so that the language model reads what it would.
     whisper.DecodingOptions = functools.partial(whisper.DecodingOptions, sample_len=30)
+    decode = whisper.decode
+    whisper.decode = lambda *args, **kwargs: dataclasses.replace(decode(*args, **kwargs), text=SPOKEN_QUESTION)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(13)]
     speech = (rng.standard_normal(16000 * 10) * 0.1).astype(np.float32)
@@ -534,7 +545,8 @@ def served_report(results: dict, scores: dict, threads: int, seconds: float) -> 
         "After the second start, each question about a new 640×480 image, through `Assistant.chat` as the app asks "
         "(medians of 3): first question after start; typed and spoken → first token, asked with the upload, and "
         "asked after the app read the upload (`Assistant.look`, which the app runs while the question is typed or "
-        "spoken); a spoken question is a 10 s recording transcribed to 30 tokens; whisper alone on that recording; "
+        "spoken); a spoken question is a 10 s recording transcribed to 30 tokens, read as a question of that length "
+        f"({len(SPOKEN_QUESTION.split())} words); whisper alone on that recording; "
         "decode rate of a 64-token answer; and the served model's teacher-forced logits (the system prompt's KV from "
         "the start, the rest in one pass) against fp32's on fp32's 64 greedy tokens, at the positions whose input "
         "carries no planted outlier.",

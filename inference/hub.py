@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from huggingface_hub import get_token, snapshot_download
+from huggingface_hub import get_token, snapshot_download, try_to_load_from_cache
 
 from inference.config import ManifestError
 
@@ -47,6 +47,27 @@ def resolve_weights(reference: str | Path, cache_dir: str | Path | None = None) 
             f"weights folder {path} does not exist, and the Hub repo {repo_id!r} could not be fetched: "
             f"{error_reason(error)}"
         ) from None
+
+
+def model_source(reference: str) -> str:
+    """A base model reference as transformers loads it: `owner/name@revision` (a pinned commit) → the folder of
+    that commit's snapshot, downloaded once into the Hub cache (where a Space's `preload_from_hub` puts it),
+    then found offline; a folder or an unpinned id as it is."""
+    parsed = parse_reference(reference)
+    if parsed is None or parsed[1] is None or Path(reference).exists():
+        return reference
+    return str(resolve_weights(reference))
+
+
+def pin_revision(reference: str) -> str:
+    """`owner/name` → `owner/name@<commit>`: the commit of the snapshot this machine loaded it from (the Hub
+    cache's), so weights made over it name the base model exactly; a folder, a pinned id or one not cached
+    stays as it is."""
+    parsed = parse_reference(reference)
+    if parsed is None or parsed[1] is not None or Path(reference).exists():
+        return reference
+    config = try_to_load_from_cache(parsed[0], "config.json")
+    return f"{parsed[0]}@{Path(config).parent.name}" if isinstance(config, str) else reference
 
 
 def scrub(text: str) -> str:

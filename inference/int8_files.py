@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from inference.config import ManifestError
-from inference.precision import OutlierInt8Linear
+from inference.precision import OutlierInt8Linear, mapped_ranges, release_pages
 
 INT8_DIR = "int8"  # in a weights folder: its int8 language model, when training published one
 INT8_FILE = "model-int8.safetensors"
@@ -158,16 +158,19 @@ def load_int8(folder: Path) -> PreTrainedModel:
                 f"{folder / INT8_FILE} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         # torch's ops let go of the GIL while packing; a few layers at a time are read, so memory holds no more.
+        # The int8 weights are views of the mapped file; once packed (a copy in the kernels' layout) their
+        # pages are given back, or the whole file would stay resident beside the packed model.
         workers = torch.get_num_threads()
         with ThreadPoolExecutor(workers) as pool:
-            packing: deque[tuple[str, Future]] = deque()
+            packing: deque[tuple[str, Future, list[tuple[int, int]]]] = deque()
             for name, kind in layout.items():
                 if len(packing) == 2 * workers:
-                    model.set_submodule(*_result(packing.popleft()))
-                module = pool.submit(_int8_module, _int8_tensors(file, names, name), kind, model.get_submodule(name))
-                packing.append((name, module))
+                    _place(model, *packing.popleft())
+                tensors = _int8_tensors(file, names, name)
+                module = pool.submit(_int8_module, tensors, kind, model.get_submodule(name))
+                packing.append((name, module, mapped_ranges([tensors["weight_int8"]])))
             while packing:
-                model.set_submodule(*_result(packing.popleft()))
+                _place(model, *packing.popleft())
     for module in model.modules():  # buffers that are computed, not saved (rotary frequencies)
         if any(buffer.is_meta for buffer in module.buffers(recurse=False)):
             module_type = type(module)
@@ -175,8 +178,9 @@ def load_int8(folder: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def _result(packing: tuple[str, Future]) -> tuple[str, nn.Module]:
-    return packing[0], packing[1].result()
+def _place(model: nn.Module, name: str, packed: Future, read: list[tuple[int, int]]) -> None:
+    model.set_submodule(name, packed.result())
+    release_pages(read)
 
 
 def _int8_tensors(file, names: set[str], name: str) -> dict[str, torch.Tensor]:

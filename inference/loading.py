@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from inference.config import Manifest, ManifestError, ProjectorConfig, ProjectorType, TemplateName
-from inference.hub import error_reason, resolve_weights
+from inference.hub import error_reason, model_source, pin_revision, resolve_weights
 from inference.int8_files import load_int8, save_int8, saved_source
 from inference.model import MultimodalPhi
 from inference.precision import Precision, quantize_int8, returning_freed_memory
@@ -65,8 +65,8 @@ def build_model(
     is new, initialised from the current RNG state. `language_model` loads the causal LM: frozen for
     stage 1, with a (Q)LoRA for stage 2, with the adapter merged for serving and merging.
     """
-    language_model_id = resolve_model_reference(folder, manifest.language_model)
-    vision_model_id = resolve_model_reference(folder, manifest.vision_model)
+    language_model_id = model_source(resolve_model_reference(folder, manifest.language_model))
+    vision_model_id = model_source(resolve_model_reference(folder, manifest.vision_model))
     with _loading("language model", language_model_id):
         tokenizer = AutoTokenizer.from_pretrained(language_model_id)
         causal_lm = language_model(language_model_id)
@@ -195,15 +195,17 @@ def new_manifest(
     template: TemplateName,
     adapter: bool = False,
 ) -> Manifest:
-    """The manifest of new weights over two base models, their widths and patch count read from their configs."""
+    """The manifest of new weights over two base models, their widths and patch count read from their configs.
+    A Hub id is recorded with the commit it was loaded from (`owner/name@commit`), so the weights name the
+    base model they were made over, and a Space preloads and serves exactly that."""
     with _loading("language model", language_model):
-        text_width = AutoConfig.from_pretrained(language_model).hidden_size
+        text_width = AutoConfig.from_pretrained(model_source(language_model)).hidden_size
     with _loading("vision model", vision_model):
-        vision = CLIPVisionConfig.from_pretrained(vision_model)
+        vision = CLIPVisionConfig.from_pretrained(model_source(vision_model))
     return Manifest(
         name=name,
-        language_model=language_model,
-        vision_model=vision_model,
+        language_model=pin_revision(language_model),
+        vision_model=pin_revision(vision_model),
         vision_feature_layer=vision_feature_layer,
         image_tokens=(vision.image_size // vision.patch_size) ** 2,
         projector=ProjectorConfig(ProjectorType(projector), vision.hidden_size, text_width),

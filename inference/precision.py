@@ -88,6 +88,12 @@ def checkpoint_ranges(module: nn.Module) -> list[tuple[int, int]]:
     layer's old weights stay resident until every tensor of the file is gone: the peak would be the
     bf16 model plus the whole int8 one. `release_pages` gives those ranges back once they are unused.
     """
+    return mapped_ranges([*module.parameters(), *module.buffers()])
+
+
+def mapped_ranges(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Byte ranges of those `tensors` that are views of a memory-mapped safetensors file (safetensors and
+    transformers hand out such views; the pages they touched count in the process's memory while mapped)."""
     try:
         with open("/proc/self/maps") as maps:
             files = [line.split()[0].split("-") for line in maps if line.rstrip().endswith(".safetensors")]
@@ -95,7 +101,7 @@ def checkpoint_ranges(module: nn.Module) -> list[tuple[int, int]]:
         return []
     mapped = [(int(start, 16), int(end, 16)) for start, end in files]
     ranges = []
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in tensors:
         start = tensor.data_ptr()
         if any(low <= start < high for low, high in mapped):
             ranges.append((start, start + tensor.nbytes))

@@ -20,6 +20,7 @@ from transformers.utils import cached_file
 
 from inference import gguf_files
 from inference.config import Manifest
+from inference.hub import model_source
 from inference.int8_files import INT8_DIR, saved_source
 from inference.loading import ADAPTER_DIR, resolve_model_reference
 from inference.precision import QUANTIZER_VERSION
@@ -47,7 +48,7 @@ def int8_source(folder: Path, manifest: Manifest) -> str:
     if manifest.adapter:
         with open(folder / ADAPTER_DIR / "adapter_model.safetensors", "rb") as file:
             digest.update(hashlib.file_digest(file, "sha256").digest())
-    base = Path(resolve_model_reference(folder, manifest.language_model))
+    base = Path(model_source(resolve_model_reference(folder, manifest.language_model)))
     if base.is_dir():
         digest.update("".join(f"{path.name} {path.stat().st_size}\n" for path in _model_files(base)).encode())
     return digest.hexdigest()
@@ -64,7 +65,7 @@ def source_stamp(folder: Path, manifest: Manifest) -> list[str]:
     model (a local folder's files, or the Hub snapshot's folder, which is named by its commit)."""
     stamp = [str(folder.resolve()), json.dumps(manifest.to_dict(), sort_keys=True)]
     stamp += [_file_stamp(path, folder) for path in sorted(folder.rglob("*.safetensors"))]
-    reference = resolve_model_reference(folder, manifest.language_model)
+    reference = model_source(resolve_model_reference(folder, manifest.language_model))
     if Path(reference).is_dir():
         base = Path(reference)
         stamp += [_file_stamp(path, base) for path in _model_files(base)]

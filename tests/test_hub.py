@@ -163,6 +163,33 @@ def test_a_hub_id_once_downloaded_loads_offline(weights_dir, tmp_path):
         hub.resolve_weights(tmp_path / "missing")
 
 
+def test_base_models_are_pinned_to_the_commit_they_were_loaded_from_and_served_from_it(
+    gpt2_phi_dir, clip_dir, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    from inference.assistant import start_references
+    from inference.config import ProjectorType
+    from inference.loading import new_manifest, save_weights
+    from inference.projector import build_projector
+
+    cache = tmp_path / "hub"
+    phi_commit, clip_commit = "a" * 40, "b" * 40
+    fake_hub_cache(cache, "someone/phi", gpt2_phi_dir, phi_commit)
+    fake_hub_cache(cache, "someone/clip", clip_dir, clip_commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    manifest = new_manifest("pinned", "someone/phi", "someone/clip", -2, ProjectorType.LINEAR, TemplateName.PHI2_CHAT)
+    assert manifest.language_model == f"someone/phi@{phi_commit}"
+    assert manifest.vision_model == f"someone/clip@{clip_commit}"
+    weights = save_weights(tmp_path / "weights", manifest, build_projector(manifest.projector))
+    assert start_references(weights) == [manifest.language_model, manifest.vision_model]  # what the Space preloads
+    for repo in ("someone--phi", "someone--clip"):  # the repos move on: main is now a commit not downloaded
+        (cache / f"models--{repo}" / "refs" / "main").write_text("c" * 40)
+    loaded = load_weights(weights)  # offline, from the pinned snapshots
+    assert loaded.manifest.language_model == f"someone/phi@{phi_commit}"
+    assert hub.model_source("someone/phi") == "someone/phi" and hub.pin_revision(str(gpt2_phi_dir)) == str(gpt2_phi_dir)
+
+
 @pytest.fixture(scope="module")
 def original_checkpoint(gpt2_phi_dir, clip_dir, tmp_path_factory) -> Path:
     """A checkpoint in the original project's exact format, at tiny dimensions (old peft: adapter_model.bin)."""

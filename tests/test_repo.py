@@ -9,6 +9,7 @@ import yaml
 from inference import assistant as assistant_module
 from inference.assistant import start_references
 from inference.config import PHI2_ID, TINYCLIP_ID, Manifest
+from inference.hub import parse_reference
 from inference.original import ORIGINAL_SPACE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,18 +39,30 @@ def test_readme_starts_with_the_space_header():
     assert str(fields["python_version"]) == "3.11"
 
 
+def preloaded() -> set[tuple[str, str | None]]:
+    """(repo, commit or None) of each `preload_from_hub` entry: `owner/name [files [commit]]`."""
+    entries = [entry.split() for entry in space_header()["preload_from_hub"]]
+    return {(entry[0], entry[2] if len(entry) > 2 else None) for entry in entries}
+
+
+def covered(references: list[str]) -> bool:
+    """Whether the Space preloads each reference, a pinned one (`owner/name@commit`) at that commit."""
+    return {parse_reference(reference) for reference in references} <= preloaded()
+
+
 def test_the_space_preloads_every_hub_repo_the_app_loads_at_start(tmp_path, monkeypatch):
-    preloaded = {entry.split()[0] for entry in space_header()["preload_from_hub"]}
     # Until weights/ holds trained weights the app imports the original checkpoint (two small files from
     # the original Space, fetched once: README says so) over the same base models.
     untrained = start_references()
-    assert set(untrained) - {ORIGINAL_SPACE} <= preloaded and len(untrained) == 3
+    assert covered([reference for reference in untrained if reference != ORIGINAL_SPACE]) and len(untrained) == 3
     trained = tmp_path / "weights"  # what training writes into weights/: its manifest names the base models
     Manifest(name="trained").save(trained)
     monkeypatch.setattr(assistant_module, "DEFAULT_WEIGHTS", trained)
-    assert set(start_references()) == {PHI2_ID, TINYCLIP_ID} <= preloaded
+    assert set(start_references()) == {PHI2_ID, TINYCLIP_ID} and covered(start_references())
     Manifest(name="elsewhere", language_model="someone/other-phi").save(trained)  # a base model not listed
-    assert not set(start_references()) <= preloaded
+    assert not covered(start_references())
+    Manifest(name="pinned", language_model=f"{PHI2_ID}@{'a' * 40}").save(trained)  # listed, not at that commit
+    assert start_references()[0] == f"{PHI2_ID}@{'a' * 40}" and not covered(start_references())
 
 
 def test_every_file_in_the_readme_map_exists():

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from inference.cli import ArgumentParser, command
 from inference.config import TINYCLIP_ID
+from inference.hub import model_source
 from inference.vision import VisionTower, load_image, preprocess
 from training.data import images_of
 from training.feature_shards import (
@@ -65,6 +66,7 @@ def build_cache(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     images = images_of(data_files)  # the data files are read (and checked) before the tower is loaded
+    vision_model = model_source(vision_model)  # a pinned Hub id: its commit's snapshot
     tower = VisionTower.from_pretrained(vision_model, feature_layer, dtype=dtype).to(device)
     key = {"fingerprint": model_fingerprint(vision_model), "feature_layer": feature_layer}
     out.mkdir(parents=True, exist_ok=True)
