@@ -495,7 +495,7 @@ def served_logits(assistant, folder: Path) -> np.ndarray:
     image_embeds = random_image_embeds(model.language_model.config.hidden_size).to(model.embedding_dtype)
     cache = assistant.backend.prefixes.take(ids + forced, "benchmark")
     embeds = model.build_inputs([ids + forced], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
-    logits = model.language_model(inputs_embeds=embeds, past_key_values=cache).logits[0]
+    logits = model.language_model(inputs_embeds=embeds, cache=cache).logits[0]
     return logits[-len(forced) - 1 : -1].float().numpy()
 
 

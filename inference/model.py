@@ -179,7 +179,7 @@ class MultimodalPhi(nn.Module):
         continuing `past` when given (the KV of its first positions)."""
         cache = past if past is not None else DynamicCache(config=self.language_model.config)
         inputs_embeds = self.build_inputs([input_ids], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
-        self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache)
+        self.language_model(inputs_embeds=inputs_embeds, cache=cache)
         return cache
 
     @torch.no_grad()
