@@ -173,7 +173,8 @@ def _card(
     license: str = "mit",
 ) -> str:
     data = ModelCardData(
-        base_model=[model for model in base_models if not Path(model).is_absolute()] or None,
+        # The card's base_model is a repo id: a pinned reference (owner/name@commit) is named without its commit.
+        base_model=[model.partition("@")[0] for model in base_models if not Path(model).is_absolute()] or None,
         library_name=library_name,
         pipeline_tag=pipeline_tag,
         datasets=list(datasets) or None,

@@ -187,6 +187,8 @@ def test_base_models_are_pinned_to_the_commit_they_were_loaded_from_and_served_f
         (cache / f"models--{repo}" / "refs" / "main").write_text("c" * 40)
     loaded = load_weights(weights)  # offline, from the pinned snapshots
     assert loaded.manifest.language_model == f"someone/phi@{phi_commit}"
+    card = weights_card(weights)
+    assert "- someone/phi\n" in card and f"someone/phi@{phi_commit}" in card  # metadata: the repo id
     assert hub.model_source("someone/phi") == "someone/phi" and hub.pin_revision(str(gpt2_phi_dir)) == str(gpt2_phi_dir)
 
 
