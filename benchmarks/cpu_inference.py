@@ -515,11 +515,12 @@ def served(args, folder: Path, env: dict[str, str]) -> str:
     return served_report(results, scores, args.threads, time.perf_counter() - started)
 
 
-def child(extra: list[str], folder: Path, threads: int, env: dict[str, str]) -> dict:
+def child(extra: list[str], folder: Path, threads: int, env: dict[str, str], what: str = "") -> dict:
+    """This script's `--child` run in a fresh process (its peak memory is its own); the JSON it prints last."""
     command = [sys.executable, __file__, *extra, "--folder", str(folder), "--threads", str(threads)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{what or ' '.join(extra)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -736,12 +737,12 @@ def main(argv: list[str] | None = None) -> dict:
     if problem and set(methods) & set(LLAMA_CPP_METHODS):
         parser.error(problem)
     size = "small" if args.small else "phi-2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}  # each child's
     if args.served:
         with tempfile.TemporaryDirectory(prefix="cpu-inference-") as tmp:
             print(f"building random checkpoints of the {size} shape in {tmp} ...", flush=True)
             build_checkpoints(Path(tmp), size)
             os.sync()
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
             table = served(args, Path(tmp), env).replace("phi-2 shape", f"{size} shape")
         print(table)
         write_section(table, f"### The app as served, {size} shape", args.results)
@@ -766,24 +767,17 @@ def main(argv: list[str] | None = None) -> dict:
             notes["lines"].append(f"GGUF export (merge, convert, quantize): {time.perf_counter() - start:.0f} s.")
         os.sync()  # the checkpoint's gigabytes are written back now, not during a measurement
         bandwidth = bandwidth_gb_s(args.threads)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
         for method in methods:
             print(f"running {method} ...", flush=True)
-            command = [sys.executable, __file__, "--child", method, "--folder", tmp, "--threads", str(args.threads)]
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-            results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[method] = child(["--child", method], folder, args.threads, env, method)
         scores = quality(folder, methods, results["original"]["tokens"], results["original"]["prompt_last"])
         backends = [b for b in APP_BACKENDS if set(methods) & set(LLAMA_CPP_METHODS if b == "llama.cpp" else ["int8"])]
         for backend in backends:  # the app's first start makes what it serves and keeps it; the second loads it
             for name in ("first", "second"):
                 print(f"starting the app ({backend}, {name} start) ...", flush=True)
-                child = [sys.executable, __file__, "--child", f"app-start-{backend}", "--folder", tmp]
-                done = subprocess.run([*child, "--threads", str(args.threads)], env=env, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"the app's {name} start ({backend}) failed:\n{done.stderr[-3000:]}")
-                notes.setdefault("app", {}).setdefault(backend, {})[name] = json.loads(done.stdout.splitlines()[-1])
+                what = f"the app's {name} start ({backend})"
+                started_app = child(["--child", f"app-start-{backend}"], folder, args.threads, env, what)
+                notes.setdefault("app", {}).setdefault(backend, {})[name] = started_app
     table = report(results, bandwidth, size, args.threads, time.perf_counter() - started, scores, notes)
     print(table)
     write_section(table, f"### CPU inference, {size} shape", args.results)
