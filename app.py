@@ -6,9 +6,9 @@
     python app.py --backend llama.cpp  # the language model in llama.cpp (Q8_0) instead of PyTorch int8
 
 Every option can also come from the environment, as a Space sets it: WEIGHTS, WHISPER, BACKEND, GGUF,
-PRECISION, DEMO=1, SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. `demo` is importable (built on
-first access from those settings); the layout and events are all this file holds: the work is done
-by one `inference.Assistant`.
+PRECISION, SLOTS, QUEUE_SIZE, DEMO=1, SHARE=1, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
+`demo` is importable (built on first access from those settings); the layout and events are all this
+file holds: the work is done by one `inference.Assistant`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from PIL import Image
 
 from inference import Assistant, GenerationOptions, InputError
 from inference.backends import Backend
+from inference.backends.pytorch import SLOTS
 from inference.cli import ArgumentParser, UsageError, command
 from inference.config import ManifestError
 from inference.precision import DEFAULT_PRECISION, Precision
@@ -38,7 +39,8 @@ EXAMPLES = [
     [str(EXAMPLES_DIR / "grace_hopper.jpg"), "Describe this photo. What is the person wearing?"],
     [str(EXAMPLES_DIR / "shapes.png"), "What colour is the circle, and where is it?"],
 ]
-QUEUE_SIZE = 16  # waiting requests beyond this are turned away with a message
+# Requests waiting beyond those being answered (env QUEUE_SIZE); more are turned away with a message.
+QUEUE_SIZE = int(os.environ.get("QUEUE_SIZE", 16))
 MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio before they reach the model
 DEMO_BANNER = (
     "**Demo mode:** these are tiny *random* models built on this machine, so the answers and transcripts "
@@ -223,8 +225,10 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
             options = generation_options(defaults, *settings)
             yield from respond(assistant, image, last.question, None, exchanges[:-1], options)
 
-        # One generation at a time per CPU, whichever button started it; the queue shows the rest their place.
-        running = dict(concurrency_limit=1, concurrency_id="generate", show_progress="minimal")
+        # As many answers at once as the backend decodes together, whichever button started them (the torch
+        # backend batches them; llama.cpp answers one at a time); the queue shows the rest their place.
+        slots = assistant.backend.slots
+        running = dict(concurrency_limit=slots, concurrency_id="generate", show_progress="minimal")
         private = dict(api_visibility="private", queue=False)
         asked = gr.on(
             [ask.click, text.submit],
@@ -247,13 +251,13 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
         # A new image starts a new conversation: shown at once here, and enforced by `respond` even when
         # this event arrives after a question asked during the upload.
         image.change(lambda: ([], []), None, [chatbot, exchanges], **private)
-        # Read a new image while its question is typed or spoken, in the generation queue: the question only
-        # computes its own positions (one computation at a time still, so no visitor slows another).
+        # Read a new image while its question is typed or spoken, in the generation group: the question only
+        # computes its own positions (the backend runs it between two decode steps).
         image.change(
             lambda image: read_upload(assistant, image),
             [image],
             None,
-            concurrency_limit=1,
+            concurrency_limit=slots,
             concurrency_id="generate",
             show_progress="hidden",
             api_visibility="private",
@@ -293,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch backend: language model precision on the CPU (env PRECISION)",
     )
     parser.add_argument(
+        "--slots",
+        type=int,
+        default=int(env("SLOTS", SLOTS)),
+        help="torch backend: visitors answered at once, their answers decoded together (env SLOTS); the rest queue",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         default=env("DEMO", "") not in ("", "0"),
@@ -322,6 +332,7 @@ def load_assistant(args: argparse.Namespace) -> Assistant:
             backend=args.backend,
             precision=args.precision,
             gguf=args.gguf,
+            slots=args.slots,
         )
     except ManifestError as error:
         raise UsageError(

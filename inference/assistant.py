@@ -71,6 +71,7 @@ class Assistant:
         gguf: str | Path | None = None,
         cache: Path = SERVING_CACHE,
         threads: int | None = None,
+        slots: int | None = None,
     ) -> Assistant:
         """What the app serves, for any caller: the weights folder or Hub id in `weights`; without one,
         `DEFAULT_WEIGHTS` once trained, else the original project's checkpoint (imported once); with `demo`,
@@ -92,7 +93,7 @@ class Assistant:
             atexit.register(shutil.rmtree, folder, ignore_errors=True)  # built for this run only
             weights, whisper_path = build_demo_weights(folder)
             whisper_model, cache = str(whisper_path), folder / "cache"
-        loaded = load_backend(choose_weights(weights), backend, precision, gguf, threads, cache)
+        loaded = load_backend(choose_weights(weights), backend, precision, gguf, threads, cache, slots)
         transcriber = Transcriber(whisper_model) if whisper_model is not None else None
         assistant = cls(loaded.backend, loaded.tokenizer, loaded.manifest, transcriber)
         assistant.warm()

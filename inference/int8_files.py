@@ -1,7 +1,7 @@
 """int8 language models as files: plain tensors in safetensors (no pickle), to keep in a cache or publish.
 
-`save_int8` writes what `precision.quantize_int8` made: each dynamic int8 Linear as its int8 weight,
-per-output-channel scales and zero points, and bias; an `OutlierInt8Linear` also its fp32 columns;
+`save_int8` writes what `precision.quantize_int8` made: each `Int8Linear` as its int8 weight,
+per-output-channel scales and zero points, and bias, and its fp32 outlier columns when it has any;
 every other tensor (embeddings, LayerNorms) in fp32; the config beside. `load_int8` builds the model
 on the meta device and puts those tensors in place: no bf16 checkpoint is read and nothing is
 quantized again, which is what makes a second start fast.
@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from inference.config import ManifestError
-from inference.precision import OutlierInt8Linear, mapped_ranges, release_pages
+from inference.precision import Int8Linear, mapped_ranges, release_pages
 
 INT8_DIR = "int8"  # in a weights folder: its int8 language model, when training published one
 INT8_FILE = "model-int8.safetensors"
@@ -43,10 +43,9 @@ def save_int8(model: PreTrainedModel, folder: Path, source: str = "") -> Path:
     layout: dict[str, str] = {}
     for name, module in model.named_modules():
         if name.startswith(tuple(f"{done}." for done in layout)):
-            continue  # the int8 part of an OutlierInt8Linear: written with it
-        inner = module.int8 if isinstance(module, OutlierInt8Linear) else module
-        if isinstance(inner, DynamicLinear):
-            layout[name] = "outliers" if isinstance(module, OutlierInt8Linear) else "int8"
+            continue  # the int8 part of an Int8Linear: written with it
+        if isinstance(module, Int8Linear):
+            layout[name] = "outliers" if module.columns.numel() else "int8"
     prefixes = tuple(f"{name}." for name in layout)
     rest = {key: value for key, value in model.state_dict().items() if not key.startswith(prefixes)}
     groups = [functools.partial(_int8_layer_tensors, name, model.get_submodule(name)) for name in layout]
@@ -62,13 +61,12 @@ def save_int8(model: PreTrainedModel, folder: Path, source: str = "") -> Path:
     return folder
 
 
-# What an int8 layer is written as (each `name.part`): bias when it has one, the last two for OutlierInt8Linear.
+# What an int8 layer is written as (each `name.part`): bias when it has one, the last two with outlier columns.
 LAYER_PARTS = ("weight_int8", "weight_scale", "weight_zero_point", "bias", "columns", "outlier_weight")
 
 
 def _int8_layer_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    inner = module.int8 if isinstance(module, OutlierInt8Linear) else module
-    weight, bias = inner._weight_bias()  # unpacked from the kernels' layout: a copy
+    weight, bias = module.int8._weight_bias()  # unpacked from the kernels' layout: a copy
     if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
         raise ValueError(f"{name}: only per-channel int8 weights are written (found {weight.qscheme()})")
     tensors = {
@@ -78,7 +76,7 @@ def _int8_layer_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]
     }
     if bias is not None:
         tensors[f"{name}.bias"] = bias.detach()
-    if isinstance(module, OutlierInt8Linear):
+    if module.columns.numel():
         tensors |= {f"{name}.columns": module.columns, f"{name}.outlier_weight": module.outlier_weight}
     return tensors
 
@@ -198,8 +196,8 @@ def _int8_module(tensors: dict[str, torch.Tensor], kind: str, shape: nn.Module) 
     int8.in_features, int8.out_features = shape.in_features, shape.out_features
     int8.set_weight_bias(weight, bias)
     if kind == "int8":
-        return int8
-    return OutlierInt8Linear(int8, tensors["columns"], tensors["outlier_weight"])
+        return Int8Linear(int8, torch.empty(0, dtype=torch.long), torch.empty(0, shape.out_features))
+    return Int8Linear(int8, tensors["columns"], tensors["outlier_weight"])
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:

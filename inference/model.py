@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    DynamicCache,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from inference.config import GenerationOptions
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
@@ -272,6 +280,19 @@ def shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: 
             break
         length += 1
     return length
+
+
+def next_token(logits: torch.Tensor, generated: Sequence[int], options: GenerationOptions) -> int:
+    """The next token as transformers' `generate` picks it from the last position's logits (vocabulary,), given
+    the tokens generated so far (its processors, in its order), for the backends that decode step by step."""
+    scores = logits.float()[None]
+    ids = torch.tensor([list(generated)], dtype=torch.long)
+    if options.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(options.repetition_penalty)(ids, scores)
+    if not options.do_sample:
+        return int(scores.argmax())
+    scores = TopPLogitsWarper(options.top_p)(ids, TemperatureLogitsWarper(options.temperature)(ids, scores))
+    return int(torch.multinomial(scores.softmax(-1), 1))
 
 
 class _EventStop(StoppingCriteria):

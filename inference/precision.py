@@ -2,13 +2,13 @@
 
 Chosen by measurement (`benchmarks/cpu_inference.py` writes the numbers to benchmarks/RESULTS.md and
 README "Fast answers on the CPU"): decoding reads every weight once per token, so it is bound by
-memory bandwidth, and int8 weights are a quarter of fp32's bytes. torch.ao's dynamic int8 Linear
-quantizes its input with one scale for the whole tensor (per tensor, not per token: in a prefill the
-largest activation of any position sets it); weights are quantized per output channel. Trained LLMs'
-outliers (a few fixed input dimensions far larger than the rest, and the massive activation at the
-first token and "\n") would set that scale for everything else, so the input columns that carry them,
-found by running a calibration prompt through the model while it is converted, are multiplied in fp32
-beside the int8 product (LLM.int8()'s decomposition; `OutlierInt8Linear`).
+memory bandwidth, and int8 weights are a quarter of fp32's bytes. Weights are quantized per output
+channel, activations per row (token) on torch.ao's dynamic int8 kernels (`Int8Linear`), so that no
+token's answer depends on what else is computed with it. Trained LLMs' outliers (a few fixed input
+dimensions far larger than the rest, and the massive activation at the first token and "\n") would set
+each row's scale for everything else, so the input columns that carry them, found by running a
+calibration prompt through the model while it is converted, are multiplied in fp32 beside the int8
+product (LLM.int8()'s decomposition).
 
 Quantization runs one decoder layer at a time from the model as the checkpoint stores it (phi-2: fp16;
 LoRA already merged), so the whole-model fp32 copy that a one-shot `quantize_dynamic(model)` needs is
@@ -121,14 +121,20 @@ def release_pages(ranges: list[tuple[int, int]]) -> None:
             _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-class OutlierInt8Linear(nn.Module):
-    """A dynamic int8 Linear whose outlier input columns are multiplied in fp32 (LLM.int8()'s decomposition).
+class Int8Linear(nn.Module):
+    """A dynamic int8 Linear with one activation scale per row (token), whose outlier input columns, if any, are
+    multiplied in fp32 (LLM.int8()'s decomposition).
 
-    torch.ao's dynamic int8 Linear quantizes its input with one scale for the whole tensor, so a few
-    large input columns (trained LLMs' systematic outlier dimensions, and the massive activation of
-    the first token and "\\n", which sits in a fixed dimension too) would set the step for every other
-    value. Here those columns are zeroed in the int8 product's input and weight and added back as a
-    small fp32 product: the int8 scale is set by the ordinary values.
+    torch.ao's dynamic int8 Linear quantizes its input with one scale for the whole tensor. Two things
+    follow, and both are undone here. A few large input columns (trained LLMs' systematic outlier
+    dimensions, and the massive activation of the first token and "\\n", which sits in a fixed dimension
+    too) would set the step for every other value: those columns are zeroed in the int8 product's input
+    and weight and added back as a small fp32 product. And one row would set the step of every other
+    row: a token's answer would depend on the other prompts of a batch (`inference.batching`) or the
+    other positions of a prefill. So each row is divided by its own largest magnitude, and one row
+    holding +1 and -1 goes in with them: the kernel's range is always [-1, 1], whatever else is in the
+    batch, and the product is scaled back row by row. The int8 product itself is exact integer arithmetic,
+    so a row computes the same alone as in any batch.
     """
 
     def __init__(self, int8: nn.Module, columns: torch.Tensor, outlier_weight: torch.Tensor) -> None:
@@ -136,9 +142,14 @@ class OutlierInt8Linear(nn.Module):
         self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns`
         self.register_buffer("columns", columns)
         self.register_buffer("outlier_weight", outlier_weight)  # (columns, out_features), fp32
+        # Added back after the per-row scaling (the kernel adds it before); not saved: the int8 part holds it.
+        self.register_buffer("bias", int8.bias(), persistent=False)
+        span = torch.zeros(1, int8.in_features)
+        span[0, :2] = torch.tensor([1.0, -1.0])
+        self.register_buffer("span", span, persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, columns: torch.Tensor, qconfig) -> OutlierInt8Linear:
+    def from_linear(cls, linear: nn.Linear, columns: torch.Tensor, qconfig) -> Int8Linear:
         from torch.ao.quantization import quantize_dynamic
 
         weight = linear.weight.detach().float()
@@ -151,10 +162,14 @@ class OutlierInt8Linear(nn.Module):
         return cls(int8, columns, weight[:, columns].T.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.int8(x.index_fill(-1, self.columns, 0.0))
-        outliers = x.index_select(-1, self.columns).flatten(0, -2)
-        output.flatten(0, -2).addmm_(outliers, self.outlier_weight)  # in place: a view of `output`
-        return output
+        rows = x.flatten(0, -2)
+        inliers = rows.index_fill(-1, self.columns, 0.0) if self.columns.numel() else rows
+        scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
+        output = output * scale if self.bias is None else torch.addcmul(self.bias, output - self.bias, scale)
+        if self.columns.numel():
+            output.addmm_(rows.index_select(-1, self.columns), self.outlier_weight)
+        return output.view(*x.shape[:-1], output.shape[-1])
 
 
 def outlier_columns(peaks: torch.Tensor, ratio: float = OUTLIER_RATIO) -> torch.Tensor:
@@ -170,14 +185,10 @@ def outlier_columns(peaks: torch.Tensor, ratio: float = OUTLIER_RATIO) -> torch.
     return candidates.sort().values
 
 
-def _int8_linear(linear: nn.Linear, peaks: torch.Tensor | None, qconfig) -> nn.Module:
+def _int8_linear(linear: nn.Linear, peaks: torch.Tensor | None, qconfig) -> Int8Linear:
     """`linear` as int8: with its outlier columns in fp32 when the calibration found any (`peaks`: per column)."""
-    from torch.ao.quantization import quantize_dynamic
-
     columns = outlier_columns(peaks) if peaks is not None else torch.empty(0, dtype=torch.long)
-    if columns.numel():
-        return OutlierInt8Linear.from_linear(linear, columns, qconfig)
-    return quantize_dynamic(nn.Sequential(linear.float()), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+    return Int8Linear.from_linear(linear, columns, qconfig)
 
 
 @torch.no_grad()
@@ -187,7 +198,7 @@ def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module
     One forward of the decoder over `calibration_ids` drives the conversion: as each decoder layer is
     reached it becomes fp32, runs while its Linear layers record their largest input per column, and
     is quantized before the next layer starts, so the model is never whole in fp32. Columns far above
-    the median (`outlier_columns`) stay fp32 (`OutlierInt8Linear`). The head is calibrated on the
+    the median (`outlier_columns`) stay fp32 (`Int8Linear`). The head is calibrated on the
     decoder's output. The prompt should hold what carries outliers in served prompts: a first token
     and "\n".
     """

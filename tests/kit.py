@@ -102,13 +102,20 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving_app(args: list[str], log_path: Path, timeout: float = 180.0) -> Iterator[str]:
-    """Run `python app.py ARGS` offline in a subprocess; yield its URL once it answers, stop it after.
+def serving_app(args: list[str], log_path: Path, timeout: float = 180.0, env: dict | None = None) -> Iterator[str]:
+    """Run `python app.py ARGS` offline in a subprocess (`env`: more environment); yield its URL once it answers,
+    stop it after.
 
     Its HF_HOME is a folder beside the log, so what the app saves at start (the int8 model, a GGUF export)
     stays out of the user's cache."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     env["HF_HOME"] = str(log_path.parent / "hf-home")
     command = [sys.executable, str(REPO / "app.py"), *args, "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"

@@ -151,3 +151,53 @@ def test_uploads_do_not_pile_up(weights_dir, whisper_path, speech_wav, tmp_path,
             time.sleep(0.5)
         assert not list(uploads.rglob("upload-*.png"))  # swept once older than their lifetime
         ask(Client(url, verbose=False), images[0], "Still serving?")  # a new upload of the same image works
+
+
+def test_visitors_asking_together_are_answered_as_each_alone(server, files, tmp_path):
+    """Questions asked at once are decoded together (`inference.batching`); each gets the answer it gets alone."""
+    colours = ("red", "green", "blue", "yellow")
+    for colour in colours:
+        make_shape_image(colour, (96, 96)).save(tmp_path / f"{colour}.png")
+    clients = [Client(server, verbose=False) for _ in colours]
+    jobs = [
+        client.submit(
+            handle_file(str(tmp_path / f"{colour}.png")), f"Is it {colour}?", None, 24, 0.0, 1.0, api_name="/ask"
+        )
+        for client, colour in zip(clients, colours, strict=True)
+    ]
+    together = [text_of(job.result(timeout=120)[-1]) for job in jobs]
+    alone = [
+        text_of(
+            ask(
+                Client(server, verbose=False),
+                handle_file(str(tmp_path / f"{colour}.png")),
+                f"Is it {colour}?",
+                tokens=24,
+            )[-1]
+        )
+        for colour in colours
+    ]
+    assert together == alone and all(together)
+
+
+def test_beyond_the_queue_visitors_are_turned_away_and_the_rest_answered(weights_dir, whisper_path, files, tmp_path):
+    log = tmp_path / "app.log"
+    args = ["--weights", str(weights_dir), "--whisper", str(whisper_path), "--slots", "1"]
+    with serving_app(args, log, env={"QUEUE_SIZE": "1"}) as url:
+        long = 1024  # tokens (the most the slider allows): the first answer is still being written when the last visitor arrives
+        jobs = [Client(url, verbose=False).submit(files["shape.png"], "Why?", None, long, 0.0, 1.0, api_name="/ask")]
+        deadline = time.monotonic() + 60
+        while not jobs[0].outputs() and not jobs[0].done() and time.monotonic() < deadline:
+            time.sleep(0.02)  # until its answer streams
+        jobs += [
+            Client(url, verbose=False).submit(files["shape.png"], "Why?", None, 8, 0.0, 1.0, api_name="/ask")
+            for _ in range(3)
+        ]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(bool(text_of(job.result(timeout=300)[-1])))
+            except Exception as error:  # gradio_client's QueueError or AppError, by version
+                assert "queue is full" in str(error).lower()
+                outcomes.append("full")
+    assert outcomes[0] is True and outcomes.count(True) == 2 and outcomes.count("full") == 2  # one waited, two refused

@@ -215,11 +215,10 @@ def test_a_follow_up_is_rendered_as_training_renders_it_and_reuses_the_answer(as
     """Turn 2's prompt is `render()` of the conversation with the model's own answer, and the KV cache of
     turn 1 (its prompt and its answer) is reused, not only its prompt."""
     image, first, second = make_shape_image("red"), "What is in this picture?", "Where is it?"
-    model, _ = overfit(
-        assistant.backend.model, assistant.tokenizer, Conversation((Turn(first, "A red circle."),)), image
-    )
-    prompts, generate = [], model.generate
-    monkeypatch.setattr(model, "generate", lambda ids, *args: prompts.append(list(ids)) or generate(ids, *args))
+    overfit(assistant.backend.model, assistant.tokenizer, Conversation((Turn(first, "A red circle."),)), image)
+    backend = assistant.backend
+    prompts, generate = [], backend.generate
+    monkeypatch.setattr(backend, "generate", lambda ids, *args: prompts.append(list(ids)) or generate(ids, *args))
     reused = reused_positions(assistant.backend.prefixes, monkeypatch)
     options = GenerationOptions(max_new_tokens=16)
     answer = list(assistant.chat([], image, text=first, options=options))[-1].answer
@@ -248,7 +247,7 @@ def test_errors_in_generation_reach_the_reader(assistant, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the model failed")
 
-    monkeypatch.setattr(assistant.backend.model, "generate", broken)
+    monkeypatch.setattr(assistant.backend.model.language_model, "forward", broken)  # on the batcher's thread
     with pytest.raises(RuntimeError, match="the model failed"):
         list(assistant.chat([], make_shape_image("red"), text="What?", options=SHORT))
 

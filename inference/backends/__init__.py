@@ -35,6 +35,7 @@ class Backend(StrEnum):
 class ServingBackend(Protocol):
     image_size: int  # pixels per side the vision tower takes
     max_positions: int  # the language model's context, image positions included
+    slots: int  # answers it computes at once (decoded together); the app lets this many visitors in at a time
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, size, size) pixels → (images, image positions, width) embeddings for `generate`."""
@@ -76,10 +77,12 @@ def load_backend(
     gguf: str | Path | None = None,
     threads: int | None = None,
     cache: Path = SERVING_CACHE,
+    slots: int | None = None,
 ) -> LoadedBackend:
     """A weights folder (or Hub id) served by `backend`: in PyTorch in `precision` (int8 saved under
     `cache`/int8 at the first start), or in llama.cpp from the GGUF file in `gguf` (a folder or Hub repo),
-    else exported once into `cache`/gguf. `threads`: llama.cpp's threads (default: torch's pool)."""
+    else exported once into `cache`/gguf. `threads`: llama.cpp's threads (default: torch's pool). `slots`: answers
+    the torch backend decodes together (default `inference.backends.pytorch.SLOTS`; llama.cpp answers one at a time)."""
     backend = Backend(backend)
     if backend is Backend.LLAMA_CPP:
         from inference.backends.llamacpp import load_llamacpp
@@ -87,4 +90,4 @@ def load_backend(
         return load_llamacpp(weights, gguf, threads or torch.get_num_threads(), cache / "gguf")
     from inference.backends.pytorch import load_torch
 
-    return load_torch(weights, Precision(precision), cache / "int8")
+    return load_torch(weights, Precision(precision), cache / "int8", slots)

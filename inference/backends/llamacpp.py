@@ -19,11 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from inference.backends import LoadedBackend
 from inference.cli import UsageError
@@ -31,7 +26,7 @@ from inference.config import GenerationOptions, Manifest, ManifestError
 from inference.gguf_files import export
 from inference.hub import resolve_weights
 from inference.loading import build_model
-from inference.model import MultimodalPhi, shared_prefix
+from inference.model import MultimodalPhi, next_token, shared_prefix
 from inference.prompt import IMAGE_PLACEHOLDER_ID
 from inference.serving_cache import SERVING_CACHE, gguf_location
 
@@ -148,6 +143,7 @@ class LlamaCppBackend:
         self.cached: list[int] = []  # the positions the KV cache holds
         self.cached_image: object = None
         self.lock = threading.Lock()  # one llama.cpp context: one answer at a time
+        self.slots = 1
 
     def describe(self) -> str:
         return f"llama.cpp {self.file.stem.removeprefix('language-model-').upper()}"
@@ -179,7 +175,7 @@ class LlamaCppBackend:
                 streamer.put(torch.tensor([input_ids]))  # the prompt, which the streamer skips
             tokens: list[int] = []
             while len(tokens) < options.max_new_tokens and not (stop is not None and stop.is_set()):
-                token = next_token(logits, tokens, options)
+                token = next_token(torch.from_numpy(logits), tokens, options)
                 tokens.append(token)
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
@@ -203,18 +199,6 @@ class LlamaCppBackend:
         logits = self.llm.decode(input_ids[shared:], embeds[rows:], start=shared)
         self.cached = list(input_ids)
         return logits
-
-
-def next_token(logits: np.ndarray, generated: list[int], options: GenerationOptions) -> int:
-    """The next token as transformers' `generate` picks it from these logits (its processors, in its order)."""
-    scores = torch.from_numpy(logits).float()[None]
-    ids = torch.tensor([generated], dtype=torch.long)
-    if options.repetition_penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(options.repetition_penalty)(ids, scores)
-    if not options.do_sample:
-        return int(scores.argmax())
-    scores = TopPLogitsWarper(options.top_p)(ids, TemperatureLogitsWarper(options.temperature)(ids, scores))
-    return int(torch.multinomial(scores.softmax(-1), 1))
 
 
 GGUF_CACHE = SERVING_CACHE / "gguf"  # exports made at startup, one folder per weights

@@ -1,4 +1,5 @@
-"""The PyTorch backend: `MultimodalPhi` (the LoRA merged) with a cache of recent answers' KV caches."""
+"""The PyTorch backend: `MultimodalPhi` (the LoRA merged), concurrent answers decoded together (`Batcher`),
+with a cache of recent answers' KV caches."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from inference.backends import LoadedBackend
+from inference.batching import Batcher
 from inference.config import GenerationOptions, Manifest
 from inference.hub import resolve_weights
 from inference.loading import load_weights
@@ -16,17 +18,20 @@ from inference.model import MultimodalPhi, PrefixCache
 from inference.precision import Precision
 from inference.serving_cache import int8_location
 
-PREFIX_CACHES = 2  # KV caches of recent answers kept for follow-up questions (each ≤ 2048 positions)
+SLOTS = 8  # answers decoded together; more wait in the app's queue
+PREFIX_CACHES = SLOTS  # KV caches of recent answers kept for follow-up questions, one per conversation answered at once
 
 
 class TorchBackend:
-    """`inference.backends.ServingBackend` over a `MultimodalPhi`; follow-up turns reuse the KV cache of
-    earlier ones (`PrefixCache`)."""
+    """`inference.backends.ServingBackend` over a `MultimodalPhi`: up to `slots` answers decoded together, every
+    computation on the batcher's thread; follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
 
-    def __init__(self, model: MultimodalPhi, precision: Precision | None = None) -> None:
+    def __init__(self, model: MultimodalPhi, precision: Precision | None = None, slots: int = SLOTS) -> None:
         self.model = model.eval()
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES)
+        self.batcher = Batcher(self.model, self.prefixes, slots)
+        self.slots = slots
         self.image_size = model.vision_tower.image_size
         self.max_positions = model.max_positions
 
@@ -36,6 +41,9 @@ class TorchBackend:
         return f"PyTorch {str(self.model.language_model.dtype).removeprefix('torch.')}"
 
     def prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None = None, image_key: str = "") -> None:
+        self.batcher.call(lambda: self._prepare(prefix_ids, image_embeds, image_key))
+
+    def _prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None, image_key: str) -> None:
         if image_embeds is None:
             self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids))
         elif self.prefixes.covered(prefix_ids, image_key) < len(prefix_ids):  # else a conversation already has it
@@ -54,12 +62,15 @@ class TorchBackend:
         stop: threading.Event | None = None,
         image_key: str = "",
     ) -> list[int]:
-        return self.model.generate(input_ids, image_embeds, options, streamer, stop, self.prefixes, image_key)
+        return self.batcher.generate(input_ids, image_embeds, options, streamer, stop, image_key)
 
 
-def load_torch(weights: str | Path, precision: Precision, int8_cache: Path | None) -> LoadedBackend:
+def load_torch(
+    weights: str | Path, precision: Precision, int8_cache: Path | None, slots: int | None = None
+) -> LoadedBackend:
     """A weights folder in PyTorch in `precision`; int8 is quantized once and kept (`int8_location`)."""
     folder = resolve_weights(weights)
     int8_path = int8_location(folder, Manifest.load(folder), int8_cache) if precision is Precision.INT8 else None
     loaded = load_weights(folder, precision=precision, int8_path=int8_path)
-    return LoadedBackend(TorchBackend(loaded.model, precision), loaded.tokenizer, loaded.manifest)
+    backend = TorchBackend(loaded.model, precision, slots or SLOTS)
+    return LoadedBackend(backend, loaded.tokenizer, loaded.manifest)

@@ -1,0 +1,285 @@
+"""Continuous batching: the answers being written at the same time are decoded together, one step for all.
+
+A decode step reads every weight once, whether it computes one conversation's next token or eight
+(`benchmarks/load.py` measures what that buys), so `Batcher` runs every computation of a torch backend
+on one thread: a new question's prompt is computed alone (reusing a cached prefix, `PrefixCache`) and
+joins the batch at the next token boundary; an answer leaves as soon as it ends (end of text, its
+length limit, or its visitor stopped), its KV cache kept for a follow-up question. Rows are left
+padded so that every row's newest position is the same column, and each row's positions and mask
+are its own: a row computes what it would alone (tests/test_batching.py holds greedy answers equal).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from inference.config import GenerationOptions
+from inference.model import MultimodalPhi, PrefixCache, next_token
+
+ROOM = 64  # positions a KV buffer grows by beyond what it needs, so most steps write in place
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's KV in a buffer with room to grow: a step writes its position in place, where transformers'
+    `DynamicLayer` concatenates (copying the whole cache of every row, every token)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+
+    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold `keys`/`values` (batch, heads, positions, width) with room after them."""
+        shape = (*keys.shape[:2], keys.shape[2] + ROOM, keys.shape[3])
+        self.buffers = (keys.new_zeros(shape), values.new_zeros(shape))
+        self.buffers[0][:, :, : keys.shape[2]] = keys
+        self.buffers[1][:, :, : keys.shape[2]] = values
+        self._view(keys.shape[2])
+
+    def _view(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = (buffer[:, :, :length] for buffer in self.buffers)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[2]
+        if self.buffers is None or end > self.buffers[0].shape[2]:
+            self.set(
+                *(torch.cat([old, new], dim=2) for old, new in ((self.keys, key_states), (self.values, value_states)))
+            )
+        else:
+            self.buffers[0][:, :, self.length : end] = key_states
+            self.buffers[1][:, :, self.length : end] = value_states
+            self._view(end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+@dataclass(eq=False)
+class Answer:
+    """One question being answered: its prompt, how to choose tokens, where they go, and its place in the batch."""
+
+    input_ids: list[int]
+    image_embeds: torch.Tensor | None
+    image_key: object
+    options: GenerationOptions
+    streamer: object | None
+    stop: threading.Event | None
+    tokens: list[int] = field(default_factory=list)
+    positions: int = 0  # positions in its KV cache (the prompt, then every token fed back)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def choose(self, logits: torch.Tensor, eos: int) -> bool:
+        """Pick the next token from the last position's `logits` (vocabulary,) as transformers' generate does for
+        these options; hand it on. Returns whether the answer is complete."""
+        token = next_token(logits, self.tokens, self.options)
+        self.tokens.append(token)
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor([token]))
+        return token == eos or len(self.tokens) >= self.options.max_new_tokens
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+@dataclass(eq=False)
+class Job:
+    """Other work on the model (computing a prefix ahead), run between two decode steps."""
+
+    run: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Decodes up to `slots` answers together on one thread; `generate` is called from any number of threads."""
+
+    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, slots: int = 8) -> None:
+        self.model, self.prefixes, self.slots = model, prefixes, slots
+        self.waiting: deque[Answer | Job] = deque()
+        self.running: list[Answer] = []
+        self.cache: Cache | None = None  # the running answers' KV, one row each
+        self.condition = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def generate(
+        self,
+        input_ids: Sequence[int],
+        image_embeds: torch.Tensor | None,
+        options: GenerationOptions | None = None,
+        streamer=None,
+        stop: threading.Event | None = None,
+        image_key: str = "",
+    ) -> list[int]:
+        """`MultimodalPhi.generate`'s answer (the new ids, EOS included if it stopped there), decoded in a batch
+        with whatever else is being answered."""
+        # An unnamed image gets a key equal to no other, so its positions are never taken for another's.
+        answer = Answer(
+            list(input_ids), image_embeds, image_key or object(), options or GenerationOptions(), streamer, stop
+        )
+        self._wait(answer)
+        return answer.tokens
+
+    def call(self, run: Callable[[], None]) -> None:
+        """Run `run` on the batching thread between two steps (so no two computations compete for the cores)."""
+        self._wait(Job(run))
+
+    def _wait(self, item: Answer | Job) -> None:
+        with self.condition:
+            self.waiting.append(item)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self.thread.start()
+            self.condition.notify()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.waiting and not self.running:
+                    self.condition.wait()
+                item = self.waiting.popleft() if self.waiting and len(self.running) < self.slots else None
+            if isinstance(item, Job):
+                try:
+                    item.run()
+                except BaseException as error:
+                    item.error = error
+                item.done.set()
+                continue
+            try:
+                if item is not None:
+                    self._join(item)
+                if self.running:
+                    self._step()
+            except BaseException as error:  # out of memory, say: every running answer's caller hears of it
+                self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        for answer in self.running:
+            self._finish(answer, None, error)
+        self.running, self.cache = [], None
+
+    @torch.no_grad()
+    def _join(self, answer: Answer) -> None:
+        """Compute `answer`'s prompt (past its cached prefix) and first token; it joins the batch unless complete."""
+        try:
+            if answer.streamer is not None:
+                answer.streamer.put(torch.empty(1, 0, dtype=torch.long))  # as generate(): the prompt first (none)
+            past = self.prefixes.take(answer.input_ids, answer.image_key)
+            cache = past if past is not None else DynamicCache(config=self.model.language_model.config)
+            embeds = self.model.build_inputs([answer.input_ids], answer.image_embeds).inputs_embeds
+            output = self.model.language_model(
+                inputs_embeds=embeds[:, cache.get_seq_length() :], cache=cache, use_cache=True, logits_to_keep=1
+            )
+            answer.positions = len(answer.input_ids)
+            if answer.choose(output.logits[0, -1], self.model.eos_token_id) or answer.stopped():
+                return self._finish(answer, cache)
+        except BaseException as error:
+            return self._finish(answer, None, error)
+        self._place([*self.running, answer], [*self._rows(), _layers(cache)])
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """Feed every running answer its newest token; each chooses its next; complete ones leave."""
+        rows = self.running
+        try:
+            tokens = torch.tensor([[answer.tokens[-1]] for answer in rows])
+            columns = self.cache.get_seq_length() + 1
+            mask = torch.zeros(len(rows), columns, dtype=torch.long)
+            for row, answer in enumerate(rows):
+                mask[row, columns - answer.positions - 1 :] = 1
+            output = self.model.language_model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=torch.tensor([[answer.positions] for answer in rows]),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            complete = []
+            for row, answer in enumerate(rows):
+                answer.positions += 1
+                if answer.choose(output.logits[row, -1], self.model.eos_token_id) or answer.stopped():
+                    complete.append(answer)
+        except BaseException as error:
+            return self._fail(error)
+        if complete:
+            caches = self._rows()
+            for answer in complete:
+                self._finish(answer, caches[rows.index(answer)])
+            kept = [row for row, answer in enumerate(rows) if answer not in complete]
+            self._place([rows[row] for row in kept], [caches[row] for row in kept])
+
+    def _rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each running answer's KV cache, layer by layer, without its padding."""
+        if self.cache is None:
+            return []
+        columns = self.cache.get_seq_length()
+        rows = []
+        for row, answer in enumerate(self.running):
+            first = columns - answer.positions
+            rows.append(
+                [
+                    (layer.keys[row : row + 1, :, first:], layer.values[row : row + 1, :, first:])
+                    for layer in self.cache.layers
+                ]
+            )
+        return rows
+
+    def _place(self, answers: list[Answer], rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Lay out `answers`' KV caches (`rows`) side by side, left padded so that each ends at the last column."""
+        self.running = answers
+        if not answers:
+            self.cache = None
+            return
+        columns = max(answer.positions for answer in answers)
+        layers = []
+        for index in range(len(rows[0])):
+            padded = [[_pad_left(tensor[0], columns) for tensor in row[index]] for row in rows]
+            layer = GrowingLayer()
+            layer.set(torch.stack([keys for keys, _ in padded]), torch.stack([values for _, values in padded]))
+            layers.append(layer)
+        self.cache = Cache(layers=layers)
+
+    def _finish(
+        self, answer: Answer, kv: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache | None, error=None
+    ) -> None:
+        """Hand `answer` back to its caller; its KV cache (prompt and answer, the last token not fed) is kept for a
+        follow-up."""
+        answer.error = error
+        if kv is not None and error is None:
+            if not isinstance(kv, DynamicCache):
+                kv = _dynamic(kv, self.model.language_model.config)
+            self.prefixes.put([*answer.input_ids, *answer.tokens], answer.image_key, kv)
+        if answer.streamer is not None:
+            answer.streamer.end()
+        answer.done.set()
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """(heads, positions, width) → (heads, columns, width), zeros before the positions."""
+    return torch.nn.functional.pad(tensor, (0, 0, columns - tensor.shape[1], 0))
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _dynamic(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A transformers `DynamicCache` (what `PrefixCache` keeps) holding copies of these layers' keys and values."""
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys.clone(), values.clone(), index)
+    return cache
