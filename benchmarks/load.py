@@ -1,0 +1,243 @@
+"""Visitors at once: 1, 2, 4, … users ask the running app together, each with their own image and a 64-token
+answer, through gradio_client as a browser would; the app with its batching (`--slots 8`) against the same
+app answering one at a time (`--slots 1`), measured in the same run on the same machine.
+
+    python benchmarks/load.py --weights FOLDER --whisper WHISPER.pt   # a weights folder, e.g. the phi-2-shaped
+                                                                      # stand-in benchmarks/cpu_inference.py builds
+    python benchmarks/load.py --demo --users 1 2 --tokens 8           # tiny random models: the script works
+
+For each number of users: p50 / p95 time to the first streamed word and to the whole answer, the
+answers' tokens per second all together, the app's peak memory while serving, and the visitors turned
+away because the queue was full (the last wave asks more than the app answers and queues: `--slots` +
+QUEUE_SIZE). Greedy answers, so each run computes the same tokens. The table is printed and written to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.measuring import RESULTS, cpu_description, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+QUEUE = 16  # the app's QUEUE_SIZE in these runs
+
+
+@contextmanager
+def running_app(weights: Path, whisper: Path, slots: int, threads: int, home: Path):
+    """`python app.py` in a subprocess (offline, int8 saved under `home`); yields (url, pid) once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env |= {"QUEUE_SIZE": str(QUEUE), "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, str(ROOT / "app.py"), "--weights", str(weights), "--whisper", str(whisper)]
+    command += ["--slots", str(slots), "--port", str(port)]
+    log = open(home / f"app-{slots}.log", "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited:\n{(home / f'app-{slots}.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+class PeakMemory:
+    """The app process's largest resident memory while in use (sampled every 0.2 s)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.stopped = pid, 0, threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.2):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def visitor(url: str, image: Path, tokens: int, tokenizer) -> dict:
+    """One visitor's question: when the first word and the whole answer arrived, and how many tokens it had."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    start = time.perf_counter()
+    job = client.submit(handle_file(str(image)), "What is in this picture?", None, tokens, 0.0, 1.0, api_name="/ask")
+    first = None
+    while not job.done():
+        outputs = job.outputs()
+        if first is None and outputs and answer_text(outputs[-1]):
+            first = time.perf_counter() - start
+        time.sleep(0.02)
+    try:
+        messages = job.result()
+    except Exception as error:  # gradio_client raises the app's refusal
+        if "queue is full" in str(error).lower():
+            return {"refused": True}
+        raise
+    total = time.perf_counter() - start
+    answer = answer_text(messages)
+    return {"refused": False, "first": first or total, "total": total, "tokens": len(tokenizer(answer).input_ids)}
+
+
+def answer_text(messages) -> str:
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+        return ""
+    return "".join(part["text"] for part in messages[-1]["content"] if part["type"] == "text")
+
+
+def wave(url: str, pid: int, images: list[Path], users: int, tokens: int, tokenizer) -> dict:
+    """`users` visitors asking at once; their answers' statistics."""
+    results: list[dict] = [{}] * users
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, visitor(url, images[i], tokens, tokenizer)))
+        for i in range(users)
+    ]
+    with PeakMemory(pid) as memory:
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    answered = [result for result in results if result and not result["refused"]]
+    firsts, totals = [r["first"] for r in answered], [r["total"] for r in answered]
+    return {
+        "users": users,
+        "answered": len(answered),
+        "refused": sum(1 for result in results if result.get("refused")),
+        "lost": users - len(answered) - sum(1 for result in results if result.get("refused")),
+        "first_p50": percentile(firsts, 50),
+        "first_p95": percentile(firsts, 95),
+        "total_p50": percentile(totals, 50),
+        "total_p95": percentile(totals, 95),
+        "last": max(totals, default=float("nan")),
+        "tokens_s": sum(r["tokens"] for r in answered) / wall,
+        "peak": memory.peak,
+    }
+
+
+def percentile(values: list[float], q: int) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def report(rows: list[dict], baseline: list[dict], args, seconds: float) -> str:
+    lone = next(row for row in rows if row["users"] == 1)
+    one_at_a_time = {row["users"]: row for row in baseline}
+    lines = [
+        f"### Visitors at once, {args.label} (load.py, {time.strftime('%Y-%m-%d')})",
+        "",
+        f"{cpu_description()}, {args.threads} threads; {args.tokens}-token greedy answers, each visitor with their own "
+        f"image; the app with `--slots {args.slots}` (answers decoded together) and, as the baseline, `--slots 1` "
+        f"(one at a time), queue {QUEUE}; run took {seconds / 60:.1f} min.",
+        "",
+        "| slots | users | answered | turned away | first word p50 / p95 | whole answer p50 / p95 | last answer "
+        "| tokens/s (all) | × one at a time | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for slots, table in ((args.slots, rows), (1, baseline)):
+        for row in table:
+            base = one_at_a_time.get(row["users"])
+            ratio = f"{row['tokens_s'] / base['tokens_s']:.2f}×" if base and base["tokens_s"] and slots != 1 else ""
+            lines.append(
+                f"| {slots} | {row['users']} | {row['answered']} | {row['refused']} "
+                f"| {row['first_p50']:.1f} / {row['first_p95']:.1f} s "
+                f"| {row['total_p50']:.1f} / {row['total_p95']:.1f} s "
+                f"| {row['last']:.1f} s | {row['tokens_s']:.2f} | {ratio} | {row['peak'] / 1e9:.1f} GB |"
+            )
+    lost = sum(row["lost"] for row in rows + baseline)
+    lines += [
+        "",
+        f"A lone answer took {lone['total_p50']:.1f} s. Requests lost (neither answered nor turned away): {lost}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, help="weights folder to serve")
+    parser.add_argument("--whisper", type=Path, help="whisper .pt beside it")
+    parser.add_argument("--demo", action="store_true", help="tiny random models built here (checks the script)")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 8 + QUEUE + 8])
+    parser.add_argument("--baseline-users", type=int, nargs="+", default=[1, 8], help="users for --slots 1")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--label", default="", help="what is served, for the heading (default: the folder)")
+    parser.add_argument("--home", type=Path, help="HF_HOME for the app (its int8 cache); default: a temporary one")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from inference.config import Manifest
+    from inference.loading import resolve_model_reference
+
+    scratch = Path(tempfile.mkdtemp(prefix="load-"))
+    if args.demo:
+        from inference.tiny import build_demo_weights
+
+        args.weights, args.whisper = build_demo_weights(scratch / "demo")
+        args.label = args.label or "tiny random models"
+    if args.weights is None or args.whisper is None:
+        parser.error("give --weights and --whisper, or --demo")
+    args.label = args.label or str(args.weights)
+    home = args.home or scratch / "hf-home"
+    home.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load(args.weights)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_reference(args.weights, manifest.language_model))
+    images = []
+    for index in range(max(args.users)):
+        pixels = np.random.default_rng(index).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        images.append(scratch / f"visitor-{index}.png")
+        Image.fromarray(pixels).save(images[-1])
+    print(cpu_description(), flush=True)
+    started = time.perf_counter()
+    tables = {}
+    for slots, users in ((args.slots, args.users), (1, args.baseline_users)):
+        with running_app(args.weights, args.whisper, slots, args.threads, home) as (url, pid):
+            wave(url, pid, images[-1:], 1, 8, tokenizer)  # the first answer of a process pays for its kernels' setup
+            tables[slots] = []
+            for count in users:
+                row = wave(url, pid, images, count, args.tokens, tokenizer)
+                print(f"slots {slots}: {row}", flush=True)
+                tables[slots].append(row)
+    text = report(tables[args.slots], tables[1], args, time.perf_counter() - started)
+    print(text)
+    write_section(text, "Visitors at once", args.results)
+
+
+if __name__ == "__main__":
+    main()
