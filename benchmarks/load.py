@@ -186,7 +186,7 @@ def report(rows: list[dict], baseline: list[dict], args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="weights folder to serve")
     parser.add_argument("--whisper", type=Path, help="whisper .pt beside it")
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(tables[args.slots], tables[1], args, time.perf_counter() - started)
     print(text)
     write_section(text, "Visitors at once", args.results)
+    return tables
 
 
 if __name__ == "__main__":

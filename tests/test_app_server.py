@@ -184,7 +184,7 @@ def test_beyond_the_queue_visitors_are_turned_away_and_the_rest_answered(weights
     log = tmp_path / "app.log"
     args = ["--weights", str(weights_dir), "--whisper", str(whisper_path), "--slots", "1"]
     with serving_app(args, log, env={"QUEUE_SIZE": "1"}) as url:
-        long = 1024  # tokens (the most the slider allows): the first answer is still being written when the last visitor arrives
+        long = 1024  # tokens, the most allowed: the first answer is still being written when the others arrive
         jobs = [Client(url, verbose=False).submit(files["shape.png"], "Why?", None, long, 0.0, 1.0, api_name="/ask")]
         deadline = time.monotonic() + 60
         while not jobs[0].outputs() and not jobs[0].done() and time.monotonic() < deadline:

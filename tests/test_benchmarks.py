@@ -1,10 +1,10 @@
-"""The CPU inference benchmark runs end to end (its --small mode is what CI can afford); numbers are not judged."""
+"""The benchmarks run end to end (at the sizes CI can afford); numbers are not judged."""
 
 from __future__ import annotations
 
 import re
 
-from benchmarks import cpu_inference
+from benchmarks import cpu_inference, load
 from inference.measuring import write_section
 
 
@@ -27,3 +27,16 @@ def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
     write_section("### CPU inference, small shape (again)\n", "### CPU inference, small shape", results_file)
     rewritten = results_file.read_text()
     assert rewritten.count("### CPU inference") == 1 and "(again)" in rewritten and "kept" in rewritten
+
+
+def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    tables = load.main(
+        ["--demo", "--users", "1", "3", "--baseline-users", "1", "--tokens", "8", "--results", str(results_file)]
+    )
+    assert [row["users"] for row in tables[8]] == [1, 3] and [row["users"] for row in tables[1]] == [1]
+    for row in tables[8] + tables[1]:
+        assert row["answered"] == row["users"] and row["refused"] == row["lost"] == 0
+        assert 0 < row["first_p50"] <= row["total_p50"] and row["tokens_s"] > 0 and row["peak"] > 0
+    text = results_file.read_text()
+    assert text.count("### Visitors at once") == 1 and len(re.findall(r"^\| (8|1) \| \d+ \|", text, flags=re.M)) == 3
