@@ -150,7 +150,9 @@ class Batcher:
             with self.condition:
                 while not self.waiting and not self.running:
                     self.condition.wait()
-                item = self.waiting.popleft() if self.waiting and len(self.running) < self.slots else None
+                # Work ahead (a `Job`) never waits for a slot; a question waits until an answer leaves.
+                ready = self.waiting and (isinstance(self.waiting[0], Job) or len(self.running) < self.slots)
+                item = self.waiting.popleft() if ready else None
             if isinstance(item, Job):
                 try:
                     item.run()
@@ -174,6 +176,8 @@ class Batcher:
     @torch.no_grad()
     def _join(self, answer: Answer) -> None:
         """Compute `answer`'s prompt (past its cached prefix) and first token; it joins the batch unless complete."""
+        if answer.stopped():  # its visitor left while it waited
+            return self._finish(answer, None)
         try:
             if answer.streamer is not None:
                 answer.streamer.put(torch.empty(1, 0, dtype=torch.long))  # as generate(): the prompt first (none)

@@ -127,3 +127,20 @@ def test_sampled_answers_are_seeded_like_generate(loaded):
     torch.manual_seed(1)
     assert backend.generate(ids, embeds, sample) == first
     assert first != backend.generate(ids, embeds, GenerationOptions(max_new_tokens=16))
+
+
+def test_work_ahead_runs_between_steps_even_when_every_slot_is_taken(loaded):
+    model, tokenizer = loaded.model, loaded.tokenizer
+    backend = TorchBackend(model, slots=1)
+    embeds = model.encode_images(pixels(model, make_shape_image("red")))
+    ids = prompt_ids(tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    stop = threading.Event()
+    long = GenerationOptions(max_new_tokens=2048 - len(ids))
+    answering = threading.Thread(target=lambda: backend.generate(ids, embeds, long, stop=stop, image_key="a"))
+    answering.start()
+    while not backend.batcher.running:
+        threading.Event().wait(0.01)
+    backend.prepare(ids[: ids.index(-200)])  # an upload read, or the system prompt: done while the answer goes on
+    assert answering.is_alive() and backend.prefixes.pinned is not None
+    stop.set()
+    answering.join(60)
