@@ -182,13 +182,9 @@ class Batcher:
             if answer.streamer is not None:
                 answer.streamer.put(torch.empty(1, 0, dtype=torch.long))  # as generate(): the prompt first (none)
             past = self.prefixes.take(answer.input_ids, answer.image_key)
-            cache = past if past is not None else DynamicCache(config=self.model.language_model.config)
-            embeds = self.model.build_inputs([answer.input_ids], answer.image_embeds).inputs_embeds
-            output = self.model.language_model(
-                inputs_embeds=embeds[:, cache.get_seq_length() :], cache=cache, use_cache=True, logits_to_keep=1
-            )
+            cache, logits = self.model.prefill(answer.input_ids, answer.image_embeds, past)
             answer.positions = len(answer.input_ids)
-            if answer.choose(output.logits[0, -1], self.model.eos_token_id) or answer.stopped():
+            if answer.choose(logits, self.model.eos_token_id) or answer.stopped():
                 return self._finish(answer, cache)
         except BaseException as error:
             return self._finish(answer, None, error)

@@ -182,13 +182,13 @@ class MultimodalPhi(nn.Module):
     @torch.no_grad()
     def prefill(
         self, input_ids: Sequence[int], image_embeds: torch.Tensor | None = None, past: DynamicCache | None = None
-    ) -> DynamicCache:
-        """The KV cache of a prompt's beginning (the system prompt; or up to the question, image included),
-        continuing `past` when given (the KV of its first positions)."""
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """The KV cache of a prompt (the system prompt; up to the question, image included; or a whole prompt),
+        continuing `past` when given (the KV of its first positions), and its last position's logits."""
         cache = past if past is not None else DynamicCache(config=self.language_model.config)
         inputs_embeds = self.build_inputs([input_ids], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
-        self.language_model(inputs_embeds=inputs_embeds, cache=cache)
-        return cache
+        output = self.language_model(inputs_embeds=inputs_embeds, cache=cache, logits_to_keep=1)
+        return cache, output.logits[0, -1]
 
     @torch.no_grad()
     def generate_batch(

@@ -21,6 +21,13 @@ def held(backend: TorchBackend) -> threading.Event:
     return release
 
 
+def red_question(loaded) -> tuple[list[int], torch.Tensor]:
+    """The prompt ids of a question about a red shape, and the image's embeddings."""
+    model = loaded.model
+    embeds = model.encode_images(pixels(model, make_shape_image("red")))
+    return prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens), embeds
+
+
 def queued(backend: TorchBackend, count: int) -> None:
     while len(backend.batcher.waiting) < count:
         threading.Event().wait(0.01)
@@ -68,10 +75,9 @@ def test_answers_decoded_together_equal_greedy_answers_decoded_alone(loaded):
 
 
 def test_a_stopped_answer_frees_its_slot_for_the_next_question(loaded):
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     backend = TorchBackend(model, slots=1)
-    embeds = model.encode_images(pixels(model, make_shape_image("red")))
-    ids = prompt_ids(tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    ids, embeds = red_question(loaded)
     stop = threading.Event()
 
     class StopAfterTwo:  # the visitor goes away after two tokens
@@ -102,10 +108,9 @@ def test_a_stopped_answer_frees_its_slot_for_the_next_question(loaded):
 
 
 def test_an_error_reaches_its_caller_and_the_batcher_serves_on(loaded, monkeypatch):
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     backend = TorchBackend(model)
-    embeds = model.encode_images(pixels(model, make_shape_image("red")))
-    ids = prompt_ids(tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    ids, embeds = red_question(loaded)
     with pytest.raises(ValueError, match="image positions"):
         backend.generate(ids, None, GenerationOptions(max_new_tokens=4))  # no image for its positions
     with monkeypatch.context() as patch:
@@ -130,10 +135,9 @@ def test_sampled_answers_are_seeded_like_generate(loaded):
 
 
 def test_work_ahead_runs_between_steps_even_when_every_slot_is_taken(loaded):
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     backend = TorchBackend(model, slots=1)
-    embeds = model.encode_images(pixels(model, make_shape_image("red")))
-    ids = prompt_ids(tokenizer, "What colour is it?", loaded.manifest.image_tokens)
+    ids, embeds = red_question(loaded)
     stop = threading.Event()
     long = GenerationOptions(max_new_tokens=2048 - len(ids))
     answering = threading.Thread(target=lambda: backend.generate(ids, embeds, long, stop=stop, image_key="a"))

@@ -45,10 +45,10 @@ class TorchBackend:
 
     def _prepare(self, prefix_ids: Sequence[int], image_embeds: torch.Tensor | None, image_key: str) -> None:
         if image_embeds is None:
-            self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids))
+            self.prefixes.pin(prefix_ids, self.model.prefill(prefix_ids)[0])
         elif self.prefixes.covered(prefix_ids, image_key) < len(prefix_ids):  # else a conversation already has it
             past = self.prefixes.take(prefix_ids, image_key)  # the system prompt's (a copy)
-            self.prefixes.put(prefix_ids, image_key, self.model.prefill(prefix_ids, image_embeds, past))
+            self.prefixes.put(prefix_ids, image_key, self.model.prefill(prefix_ids, image_embeds, past)[0])
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
