@@ -68,7 +68,7 @@ def running_app(weights: Path, whisper: Path, slots: int, threads: int, home: Pa
 
 
 class PeakMemory:
-    """The app process's largest resident memory while in use (sampled every 0.2 s)."""
+    """The app process's largest resident memory while in use (sampled at the start, every 0.2 s and at the end)."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self.stopped = pid, 0, threading.Event()
@@ -79,14 +79,19 @@ class PeakMemory:
         return self
 
     def _run(self) -> None:
+        self._sample()
         while not self.stopped.wait(0.2):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self._sample()
+
+    def _sample(self) -> None:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                self.peak = max(self.peak, int(line.split()[1]) * 1024)
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
         self.thread.join()
+        self._sample()  # a wave shorter than one interval still has its sample at the end
 
 
 def visitor(url: str, image: Path, tokens: int, tokenizer) -> dict:
