@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from benchmarks import cpu_inference, load
+from benchmarks import cpu_inference, int8_decode, load
 from inference.measuring import write_section
 
 
@@ -40,3 +40,18 @@ def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_p
         assert 0 < row["first_p50"] <= row["total_p50"] and row["tokens_s"] > 0 and row["peak"] > 0
     text = results_file.read_text()
     assert text.count("### Visitors at once") == 1 and len(re.findall(r"^\| (8|1) \| \d+ \|", text, flags=re.M)) == 3
+
+
+def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    rows = int8_decode.main(["--small", "--results", str(results_file)])
+    assert sorted((row["arrangement"][:6], row["rows"]) for row in rows) == [
+        ("q, k, ", 1),
+        ("q, k, ", 8),
+        ("served", 1),
+        ("served", 8),
+    ]
+    assert all(row["ms"] > 0 and row["gb_s"] > 0 for row in rows)
+    text = results_file.read_text()
+    assert text.count("### int8 decode step's products, small shape") == 1
+    assert len(re.findall(r"^\| (served|q, k, v and fc1 as one)", text, flags=re.M)) == 4

@@ -1,0 +1,135 @@
+"""How close the served int8 decode step's matrix products come to the memory's limit, and what reading q, k, v
+and fc1 as one product would save.
+
+    python benchmarks/int8_decode.py            # phi-2's shape: 32 layers, 2560 wide (about 3 min, 6 GB)
+    python benchmarks/int8_decode.py --small    # 2 layers, 256 wide (seconds)
+
+A decode step reads every weight once. It is bound by memory bandwidth when its products run at the speed
+the memory delivers the weights; what is left above that is overhead. This measures the products of one
+decode step as the served model runs them (`inference.precision.Int8Linear` over fbgemm's dynamic int8
+Linear, per-row activation scales), for 1 row (one visitor) and 8 (eight decoded together), layer after
+layer so the weights come from memory as in the model, not from cache, and the read bandwidth of the same
+process; the tokens/s limit is that bandwidth over the bytes read. phi's decoder layer feeds one
+LayerNorm output to q, k, v (attention) and fc1 (MLP): the "fused" arrangement is those four as one
+Linear, whose per-row scales and per-output-channel weights give the same numbers as the four apart.
+Each arrangement runs in turn, 5 rounds; medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.measuring import RESULTS, cpu_description, write_section
+from inference.precision import Int8Linear
+
+SHAPES = {"phi-2": (32, 2560, 10240), "small": (2, 256, 1024)}  # layers, width, MLP width
+ROUNDS = 5
+
+
+def arrangements(width: int, mlp: int) -> dict[str, list[tuple[int, int]]]:
+    """(in, out) of each Linear of one decoder layer, in the order a step runs them."""
+    return {
+        "served (q, k, v, dense, fc1, fc2 apart)": [(width, width)] * 4 + [(width, mlp), (mlp, width)],
+        "q, k, v and fc1 as one": [(width, 3 * width + mlp), (width, width), (mlp, width)],
+    }
+
+
+def int8_layers(shapes: list[tuple[int, int]], layers: int) -> list[list[Int8Linear]]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(deprecated|quantize_per_).*")
+        from torch.ao.quantization import per_channel_dynamic_qconfig as qconfig
+
+        built = []
+        for _ in range(layers):
+            row = []
+            for inputs, outputs in shapes:
+                linear = nn.Linear(inputs, outputs, device="meta").to_empty(device="cpu")
+                with torch.no_grad():
+                    linear.weight.normal_(0.0, 0.02)
+                    linear.bias.zero_()
+                row.append(Int8Linear.from_linear(linear, torch.empty(0, dtype=torch.long), qconfig))
+            built.append(row)
+        return built
+
+
+def step_seconds(model: list[list[Int8Linear]], rows: int) -> float:
+    """One pass over every layer's products, `rows` tokens each."""
+    inputs = {linear.int8.in_features: torch.randn(rows, linear.int8.in_features) for linear in model[0]}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for layer in model:
+            for linear in layer:
+                linear(inputs[linear.int8.in_features])
+    return time.perf_counter() - start
+
+
+def bandwidth_gb_s() -> float:
+    """Read bandwidth: the best of 5 sums over a 1 GiB tensor."""
+    data = torch.ones(2**28)
+    best = min(_timed(data.sum) for _ in range(5))
+    return data.numel() * 4 / best / 1e9
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="2 layers, 256 wide (seconds; checks the script)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    size = "small" if args.small else "phi-2"
+    layers, width, mlp = SHAPES[size]
+    models = {name: int8_layers(shapes, layers) for name, shapes in arrangements(width, mlp).items()}
+    bandwidth = bandwidth_gb_s()
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(ROUNDS):
+        for rows in (1, 8):
+            for name, model in models.items():
+                step_seconds(model, rows)  # warm: the first call of each shape pays its set-up
+                times.setdefault((name, rows), []).append(step_seconds(model, rows))
+    rows_out = []
+    for (name, rows), samples in times.items():
+        weights = layers * sum(i * o for i, o in arrangements(width, mlp)[name])
+        seconds = statistics.median(samples)
+        rows_out.append({"arrangement": name, "rows": rows, "ms": seconds * 1e3, "gb_s": weights / seconds / 1e9})
+    served = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"].startswith("served")}
+    weights = layers * sum(i * o for i, o in arrangements(width, mlp)["served (q, k, v, dense, fc1, fc2 apart)"])
+    lines = [
+        f"### int8 decode step's products, {size} shape (int8_decode.py, {time.strftime('%Y-%m-%d')})\n",
+        f"{cpu_description()}, {args.threads} threads; {layers} decoder layers' int8 Linear layers "
+        f"({weights / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; read bandwidth "
+        f"{bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights:.1f} steps/s; the run took "
+        f"{time.perf_counter() - began:.0f} s.\n",
+        "| arrangement | rows | products per step | weights read | × served |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows_out:
+        ratio = served[row["rows"]] / row["ms"]
+        lines.append(
+            f"| {row['arrangement']} | {row['rows']} | {row['ms']:.1f} ms | {row['gb_s']:.1f} GB/s | {ratio:.2f}× |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(text, f"### int8 decode step's products, {size} shape", args.results)
+    return rows_out
+
+
+if __name__ == "__main__":
+    main()
