@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from inference.backends import Backend  # noqa: E402
 from inference.dimensions import PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SIZES  # noqa: E402
-from inference.measuring import RESULTS, cpu_description, write_section  # noqa: E402
+from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_section  # noqa: E402
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
 TEXT_TOKENS = 40
@@ -106,18 +106,6 @@ def build_checkpoints(folder: Path, size: str) -> Path:
     whisper_model = whisper.model.Whisper(dims)
     torch.save({"dims": vars(dims), "model_state_dict": whisper_model.state_dict()}, folder / "whisper.pt")
     return folder
-
-
-def bandwidth_gb_s(threads: int) -> float:
-    """Read bandwidth with `threads` threads: the best of 5 sums over a 1 GiB tensor."""
-    torch.set_num_threads(threads)
-    data = torch.ones(2**28)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.numel() * 4 / best / 1e9
 
 
 # ---------------------------------------------------------------- one method (child process)

@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.measuring import RESULTS, cpu_description, write_section
+from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_section
 from inference.precision import Int8Linear
 
 SHAPES = {"phi-2": (32, 2560, 10240), "small": (2, 256, 1024)}  # layers, width, MLP width
@@ -37,7 +37,7 @@ ROUNDS = 5
 
 
 def arrangements(width: int, mlp: int) -> dict[str, list[tuple[int, int]]]:
-    """(in, out) of each Linear of one decoder layer, in the order a step runs them."""
+    """(in, out) of each Linear of one decoder layer, in the order a step runs them; the served arrangement first."""
     return {
         "served (q, k, v, dense, fc1, fc2 apart)": [(width, width)] * 4 + [(width, mlp), (mlp, width)],
         "q, k, v and fc1 as one": [(width, 3 * width + mlp), (width, width), (mlp, width)],
@@ -73,19 +73,6 @@ def step_seconds(model: list[list[Int8Linear]], rows: int) -> float:
     return time.perf_counter() - start
 
 
-def bandwidth_gb_s() -> float:
-    """Read bandwidth: the best of 5 sums over a 1 GiB tensor."""
-    data = torch.ones(2**28)
-    best = min(_timed(data.sum) for _ in range(5))
-    return data.numel() * 4 / best / 1e9
-
-
-def _timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="2 layers, 256 wide (seconds; checks the script)")
@@ -96,8 +83,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     began = time.perf_counter()
     size = "small" if args.small else "phi-2"
     layers, width, mlp = SHAPES[size]
-    models = {name: int8_layers(shapes, layers) for name, shapes in arrangements(width, mlp).items()}
-    bandwidth = bandwidth_gb_s()
+    shapes = arrangements(width, mlp)
+    models = {name: int8_layers(linears, layers) for name, linears in shapes.items()}
+    weights = {name: layers * sum(i * o for i, o in linears) for name, linears in shapes.items()}  # int8: bytes
+    bandwidth = bandwidth_gb_s(args.threads)
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(ROUNDS):
         for rows in (1, 8):
@@ -106,17 +95,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times.setdefault((name, rows), []).append(step_seconds(model, rows))
     rows_out = []
     for (name, rows), samples in times.items():
-        weights = layers * sum(i * o for i, o in arrangements(width, mlp)[name])
         seconds = statistics.median(samples)
-        rows_out.append({"arrangement": name, "rows": rows, "ms": seconds * 1e3, "gb_s": weights / seconds / 1e9})
-    served = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"].startswith("served")}
-    weights = layers * sum(i * o for i, o in arrangements(width, mlp)["served (q, k, v, dense, fc1, fc2 apart)"])
+        rows_out.append({"arrangement": name, "rows": rows, "ms": seconds * 1e3, "gb_s": weights[name] / seconds / 1e9})
+    served_name = next(iter(shapes))
+    served = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"] == served_name}
     lines = [
         f"### int8 decode step's products, {size} shape (int8_decode.py, {time.strftime('%Y-%m-%d')})\n",
         f"{cpu_description()}, {args.threads} threads; {layers} decoder layers' int8 Linear layers "
-        f"({weights / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; read bandwidth "
-        f"{bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights:.1f} steps/s; the run took "
-        f"{time.perf_counter() - began:.0f} s.\n",
+        f"({weights[served_name] / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; "
+        f"read bandwidth {bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights[served_name]:.1f} steps/s; "
+        f"the run took {time.perf_counter() - began:.0f} s.\n",
         "| arrangement | rows | products per step | weights read | × served |",
         "|---|---|---|---|---|",
     ]

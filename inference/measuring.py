@@ -10,6 +10,7 @@ most, and fbgemm's, which set int8 serving's speed, unchanged.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
@@ -47,6 +48,20 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     limits = [f"{name}={os.environ[name]}" for name in AVX2_KERNELS if os.environ.get(name)]
     described = f"{model} ({', '.join(present) or 'no AVX2'})"
     return described + (f", kernels limited by {' '.join(limits)}" if limits else "")
+
+
+def bandwidth_gb_s(threads: int) -> float:
+    """Read bandwidth with `threads` threads: the best of 5 sums over a 1 GiB tensor."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
 
 
 def write_section(text: str, heading: str, path: Path = RESULTS) -> None:
