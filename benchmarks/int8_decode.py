@@ -1,16 +1,16 @@
 """How close the served int8 decode step's matrix products come to the memory's limit, and what reading q, k, v
-and fc1 as one product would save.
+and fc1 as one product saves (the model serves them so: `inference.int8_linear.SharedInput`).
 
     python benchmarks/int8_decode.py            # phi-2's shape: 32 layers, 2560 wide (about 3 min, 6 GB)
     python benchmarks/int8_decode.py --small    # 2 layers, 256 wide (seconds)
 
 A decode step reads every weight once. It is bound by memory bandwidth when its products run at the speed
 the memory delivers the weights; what is left above that is overhead. This measures the products of one
-decode step as the served model runs them (`inference.precision.Int8Linear` over fbgemm's dynamic int8
+decode step as the served model runs them (`inference.int8_linear.Int8Linear` over fbgemm's dynamic int8
 Linear, per-row activation scales), for 1 row (one visitor) and 8 (eight decoded together), layer after
 layer so the weights come from memory as in the model, not from cache, and the read bandwidth of the same
 process; the tokens/s limit is that bandwidth over the bytes read. phi's decoder layer feeds one
-LayerNorm output to q, k, v (attention) and fc1 (MLP): the "fused" arrangement is those four as one
+LayerNorm output to q, k, v (attention) and fc1 (MLP): the served arrangement is those four as one
 Linear, whose per-row scales and per-output-channel weights give the same numbers as the four apart.
 Each arrangement runs in turn, 5 rounds; medians.
 """
@@ -29,18 +29,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference.int8_linear import Int8Linear
 from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_section
-from inference.precision import Int8Linear
 
 SHAPES = {"phi-2": (32, 2560, 10240), "small": (2, 256, 1024)}  # layers, width, MLP width
 ROUNDS = 5
 
 
 def arrangements(width: int, mlp: int) -> dict[str, list[tuple[int, int]]]:
-    """(in, out) of each Linear of one decoder layer, in the order a step runs them; the served arrangement first."""
+    """(in, out) of each Linear of one decoder layer, in the order a step runs them; the baseline (apart) first."""
     return {
-        "served (q, k, v, dense, fc1, fc2 apart)": [(width, width)] * 4 + [(width, mlp), (mlp, width)],
-        "q, k, v and fc1 as one": [(width, 3 * width + mlp), (width, width), (mlp, width)],
+        "q, k, v, dense, fc1, fc2 apart": [(width, width)] * 4 + [(width, mlp), (mlp, width)],
+        "q, k, v and fc1 as one (served)": [(width, 3 * width + mlp), (width, width), (mlp, width)],
     }
 
 
@@ -97,19 +97,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for (name, rows), samples in times.items():
         seconds = statistics.median(samples)
         rows_out.append({"arrangement": name, "rows": rows, "ms": seconds * 1e3, "gb_s": weights[name] / seconds / 1e9})
-    served_name = next(iter(shapes))
-    served = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"] == served_name}
+    apart_name = next(iter(shapes))
+    apart = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"] == apart_name}
     lines = [
         f"### int8 decode step's products, {size} shape (int8_decode.py, {time.strftime('%Y-%m-%d')})\n",
         f"{cpu_description()}, {args.threads} threads; {layers} decoder layers' int8 Linear layers "
-        f"({weights[served_name] / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; "
-        f"read bandwidth {bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights[served_name]:.1f} steps/s; "
+        f"({weights[apart_name] / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; "
+        f"read bandwidth {bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights[apart_name]:.1f} steps/s; "
         f"the run took {time.perf_counter() - began:.0f} s.\n",
-        "| arrangement | rows | products per step | weights read | × served |",
+        "| arrangement | rows | products per step | weights read | × apart |",
         "|---|---|---|---|---|",
     ]
     for row in rows_out:
-        ratio = served[row["rows"]] / row["ms"]
+        ratio = apart[row["rows"]] / row["ms"]
         lines.append(
             f"| {row['arrangement']} | {row['rows']} | {row['ms']:.1f} ms | {row['gb_s']:.1f} GB/s | {ratio:.2f}× |"
         )

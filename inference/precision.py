@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from inference.int8_linear import Int8Linear, SharedInput, place_shared
+
 
 class Precision(StrEnum):
     INT8 = "int8"  # dynamic int8 Linear layers (fp32 activations), the rest fp32: the fastest that stays faithful
@@ -45,8 +47,9 @@ class Precision(StrEnum):
 
 
 DEFAULT_PRECISION = Precision.INT8
-# Names this file's code in the keys of saved int8 models: a changed quantizer quantizes afresh.
-QUANTIZER_VERSION = hashlib.sha1(Path(__file__).read_bytes(), usedforsecurity=False).hexdigest()[:12]
+# Names the quantizer's code in the keys of saved int8 models: a changed quantizer quantizes afresh.
+_QUANTIZER_CODE = Path(__file__).read_bytes() + Path(__file__).with_name("int8_linear.py").read_bytes()
+QUANTIZER_VERSION = hashlib.sha1(_QUANTIZER_CODE, usedforsecurity=False).hexdigest()[:12]
 # An input column whose largest value on the calibration prompt is this many times the median column's stays
 # fp32 (LLM.int8() uses a fixed magnitude, 6, on LayerNorm outputs of about unit scale).
 OUTLIER_RATIO = 6.0
@@ -121,57 +124,6 @@ def release_pages(ranges: list[tuple[int, int]]) -> None:
             _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
-class Int8Linear(nn.Module):
-    """A dynamic int8 Linear with one activation scale per row (token), whose outlier input columns, if any, are
-    multiplied in fp32 (LLM.int8()'s decomposition).
-
-    torch.ao's dynamic int8 Linear quantizes its input with one scale for the whole tensor. Two things
-    follow, and both are undone here. A few large input columns (trained LLMs' systematic outlier
-    dimensions, and the massive activation of the first token and "\\n", which sits in a fixed dimension
-    too) would set the step for every other value: those columns are zeroed in the int8 product's input
-    and weight and added back as a small fp32 product. And one row would set the step of every other
-    row: a token's answer would depend on the other prompts of a batch (`inference.batching`) or the
-    other positions of a prefill. So each row is divided by its own largest magnitude, and one row
-    holding +1 and -1 goes in with them: the kernel's range is always [-1, 1], whatever else is in the
-    batch, and the product is scaled back row by row. The int8 product itself is exact integer arithmetic,
-    so a row computes the same alone as in any batch.
-    """
-
-    def __init__(self, int8: nn.Module, columns: torch.Tensor, outlier_weight: torch.Tensor) -> None:
-        super().__init__()
-        self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns`
-        self.register_buffer("columns", columns)
-        self.register_buffer("outlier_weight", outlier_weight)  # (columns, out_features), fp32
-        # Added back after the per-row scaling (the kernel adds it before); not saved: the int8 part holds it.
-        self.register_buffer("bias", int8.bias(), persistent=False)
-        span = torch.zeros(1, int8.in_features)
-        span[0, :2] = torch.tensor([1.0, -1.0])
-        self.register_buffer("span", span, persistent=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, columns: torch.Tensor, qconfig) -> Int8Linear:
-        from torch.ao.quantization import quantize_dynamic
-
-        weight = linear.weight.detach().float()
-        rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        with torch.no_grad():
-            rest.weight.copy_(weight.index_fill(1, columns, 0.0))
-            if linear.bias is not None:
-                rest.bias.copy_(linear.bias.float())
-        int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
-        return cls(int8, columns, weight[:, columns].T.contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.flatten(0, -2)
-        inliers = rows.index_fill(-1, self.columns, 0.0) if self.columns.numel() else rows
-        scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
-        output = output * scale if self.bias is None else torch.addcmul(self.bias, output - self.bias, scale)
-        if self.columns.numel():
-            output.addmm_(rows.index_select(-1, self.columns), self.outlier_weight)
-        return output.view(*x.shape[:-1], output.shape[-1])
-
-
 def outlier_columns(peaks: torch.Tensor, ratio: float = OUTLIER_RATIO) -> torch.Tensor:
     """Input columns whose largest magnitude on the calibration prompt is `ratio`× the median column's.
 
@@ -192,13 +144,14 @@ def _int8_linear(linear: nn.Linear, peaks: torch.Tensor | None, qconfig) -> Int8
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module:
+def quantize_int8(model: nn.Module, calibration_ids: Sequence[int], share_inputs: bool = True) -> nn.Module:
     """Replace every `nn.Linear` of a causal LM by a dynamic int8 one, calibrated on a prompt; the rest becomes fp32.
 
     One forward of the decoder over `calibration_ids` drives the conversion: as each decoder layer is
     reached it becomes fp32, runs while its Linear layers record their largest input per column, and
     is quantized before the next layer starts, so the model is never whole in fp32. Columns far above
-    the median (`outlier_columns`) stay fp32 (`Int8Linear`). The head is calibrated on the
+    the median (`outlier_columns`) stay fp32 (`Int8Linear`). Linear layers that read one input (phi's q, k, v
+    and fc1) become one product (`SharedInput`), unless `share_inputs` is False. The head is calibrated on the
     decoder's output. The prompt should hold what carries outliers in served prompts: a first token
     and "\n".
     """
@@ -214,12 +167,14 @@ def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module
             if child is not layers and child is not model.get_input_embeddings():
                 child.float()
         peaks: dict[nn.Module, torch.Tensor] = {}
+        readers: dict[int, tuple[torch.Tensor, list[nn.Module]]] = {}  # by input: the tensor, who read it
         hooks: list = []
         ranges: list[tuple[int, int]] = []
 
         def record(linear: nn.Module, args: tuple) -> None:
             peak = args[0].detach().abs().flatten(0, -2).amax(0).float()
             peaks[linear] = torch.maximum(peaks[linear], peak) if linear in peaks else peak
+            readers.setdefault(id(args[0]), (args[0], []))[1].append(linear)
 
         def enter(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             ranges[:] = checkpoint_ranges(layer)
@@ -235,7 +190,9 @@ def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module
             for hook in hooks:
                 hook.remove()
             hooks.clear()
-            _quantize_children(layer, peaks, qconfig)
+            groups = [list(dict.fromkeys(linears)) for _, linears in readers.values()] if share_inputs else []
+            readers.clear()
+            _quantize_children(layer, peaks, qconfig, [group for group in groups if len(group) > 1])
             gc.collect()  # free this layer's bf16/fp32 weights before the next one is converted
             release_pages(ranges)
 
@@ -267,8 +224,24 @@ def quantize_int8(model: nn.Module, calibration_ids: Sequence[int]) -> nn.Module
     return model
 
 
-def _quantize_children(module: nn.Module, peaks: dict[nn.Module, torch.Tensor], qconfig) -> None:
-    """Every `nn.Linear` inside `module` → int8, calibrated on its recorded input peaks (used up)."""
+def _quantize_children(
+    module: nn.Module, peaks: dict[nn.Module, torch.Tensor], qconfig, groups: list[list[nn.Linear]]
+) -> None:
+    """Every `nn.Linear` inside `module` → int8, calibrated on its recorded input peaks (used up); each of
+    `groups` (layers that read one input) → one `SharedInput`."""
+    names = {linear: name for name, linear in module.named_modules() if type(linear) is nn.Linear}
+    for group in groups:
+        if len({linear.bias is None for linear in group}) > 1:
+            continue  # a bias for some and not others: left apart
+        joined = nn.Linear(group[0].in_features, sum(linear.out_features for linear in group), device="meta")
+        joined.weight = nn.Parameter(torch.cat([linear.weight.detach().float() for linear in group]), False)
+        has_bias = group[0].bias is not None
+        joined.bias = (
+            nn.Parameter(torch.cat([linear.bias.detach().float() for linear in group]), False) if has_bias else None
+        )
+        peak = torch.stack([peaks.pop(linear) for linear in group]).amax(0)  # one input: the same peaks
+        shared = SharedInput(_int8_linear(joined, peak, qconfig), [linear.out_features for linear in group])
+        place_shared(module, [names[linear] for linear in group], shared)
     found = [(p, n, c) for p in module.modules() for n, c in p.named_children() if type(c) is nn.Linear]
     for parent, name, linear in found:
         setattr(parent, name, _int8_linear(linear, peaks.pop(linear, None), qconfig))

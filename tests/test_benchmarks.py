@@ -45,13 +45,17 @@ def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_p
 def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_path):
     results_file = tmp_path / "RESULTS.md"
     rows = int8_decode.main(["--small", "--results", str(results_file)])
-    assert sorted((row["arrangement"][:6], row["rows"]) for row in rows) == [
-        ("q, k, ", 1),
-        ("q, k, ", 8),
-        ("served", 1),
-        ("served", 8),
+    assert sorted((row["arrangement"], row["rows"]) for row in rows) == [
+        ("q, k, v and fc1 as one (served)", 1),
+        ("q, k, v and fc1 as one (served)", 8),
+        ("q, k, v, dense, fc1, fc2 apart", 1),
+        ("q, k, v, dense, fc1, fc2 apart", 8),
     ]
     assert all(row["ms"] > 0 and row["gb_s"] > 0 for row in rows)
     text = results_file.read_text()
     assert text.count("### int8 decode step's products, small shape") == 1
-    assert len(re.findall(r"^\| (served|q, k, v and fc1 as one)", text, flags=re.M)) == 4
+    assert (
+        len(re.findall(r"^\| (q, k, v, dense, fc1, fc2 apart|q, k, v and fc1 as one \(served\))", text, flags=re.M))
+        == 4
+    )
+

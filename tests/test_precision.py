@@ -19,9 +19,10 @@ from inference.backends.llamacpp import LlamaCpp
 from inference.backends.pytorch import TorchBackend, load_torch
 from inference.config import GenerationOptions, Manifest
 from inference.gguf_files import export
-from inference.int8_files import INT8_DIR, INT8_FILE, DynamicLinear, save_int8
+from inference.int8_files import INT8_DIR, INT8_FILE, save_int8
+from inference.int8_linear import DynamicLinear, Int8Linear, Int8Part
 from inference.loading import load_weights
-from inference.precision import DEFAULT_PRECISION, Int8Linear, Precision
+from inference.precision import DEFAULT_PRECISION, Precision
 from inference.serving_cache import int8_source
 from inference.standins import outlier_dims, plant_outliers
 from tests.kit import make_shape_image, pixels, prompt_ids
@@ -91,7 +92,12 @@ def test_int8_is_the_default_and_quantizes_every_linear_layer(weights_dir):
     quantized = [m for m in language_model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     float_linear = [m for m in language_model.modules() if type(m) is nn.Linear]
     layers = language_model.config.num_hidden_layers
-    assert len(quantized) == layers * 6 + 1 and not float_linear  # q, k, v, dense, fc1, fc2 per layer + lm_head
+    # Per layer: q, k, v and fc1 (one input, one product), dense, fc2; and lm_head.
+    assert len(quantized) == layers * 3 + 1 and not float_linear
+    for layer in language_model.model.layers:
+        parts = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.fc1]
+        assert all(isinstance(part, Int8Part) and part.shared is parts[0].shared for part in parts)
+        assert isinstance(layer.self_attn.dense, Int8Linear) and isinstance(layer.mlp.fc2, Int8Linear)
     assert all(p.dtype == torch.float32 for p in language_model.parameters())
 
 
@@ -205,7 +211,8 @@ def test_int8_finds_the_planted_columns_and_keeps_them_fp32(planted_weights):
     language_model = load_weights(planted_weights, precision=Precision.INT8).model.language_model
     planted = set(outlier_dims(language_model.config.hidden_size))
     layer = language_model.model.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.mlp.fc1, language_model.lm_head):  # they read a LayerNorm
+    # q, k, v and fc1 read the input LayerNorm as one product (tests/test_int8_linear.py); the head, the last one
+    for linear in (layer.self_attn.q_proj.shared.product, language_model.lm_head):
         assert isinstance(linear, Int8Linear) and planted <= set(linear.columns.tolist())
         assert len(linear.columns) <= 8
 
@@ -240,7 +247,7 @@ def test_int8_is_quantized_once_and_loaded_from_the_cache_after(planted_weights,
     (saved,) = cache.glob(f"*/{INT8_FILE}")
     refuse_to_quantize(monkeypatch)
     second = load_torch(planted_weights, Precision.INT8, cache).backend.model.language_model
-    assert isinstance(second.model.layers[0].mlp.fc1, Int8Linear) and same_logits(first, second)
+    assert isinstance(second.model.layers[0].mlp.fc2, Int8Linear) and same_logits(first, second)
     int8_layers = [module for module in second.modules() if isinstance(module, DynamicLinear)]
     assert int8_layers and all(  # each loaded layer knows its real size (it is built 1 × 1, then filled)
         layer.weight().shape == (layer.out_features, layer.in_features) for layer in int8_layers
