@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from inference.backends import Backend  # noqa: E402
 from inference.dimensions import PHI_LORA_MODULES, TINYCLIP_61M, WHISPER_SIZES  # noqa: E402
-from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_section  # noqa: E402
+from inference.measuring import RESULTS, TokenClock, bandwidth_gb_s, cpu_description, write_section  # noqa: E402
 
 IMAGE_TOKENS = TINYCLIP_61M.num_patches
 TEXT_TOKENS = 40
@@ -145,23 +145,6 @@ def peak_rss() -> int:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
-
-
-class TokenClock:
-    """A streamer that records when each generated token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt (empty with inputs_embeds)
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def prompt_ids(tokenizer) -> list[int]:

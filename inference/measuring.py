@@ -1,4 +1,5 @@
-"""What every measurement carries: the CPU it ran on, and the results file it is written to.
+"""What every measurement carries: the CPU it ran on, and the results file it is written to; and the clocks
+the benchmarks share.
 
 Results on a CPU depend on its class: torch (ATen), MKL, oneDNN and fbgemm (the int8 kernels that serve the
 language model) each pick their kernels from the instruction sets they find, and different kernels round
@@ -71,3 +72,20 @@ def write_section(text: str, heading: str, path: Path = RESULTS) -> None:
     sections = old.split("\n### ")
     kept = [sections[0], *(f"### {s}" for s in sections[1:] if not f"### {s}".startswith(heading))]
     path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + text)
+
+
+class TokenClock:
+    """A streamer that records when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt (empty with inputs_embeds)
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,133 @@
+"""The served int8 model's decode speed through the app's batcher, with the layers that read one input computed as
+one product (as served: `inference.int8_linear.SharedInput`) and apart, for 1 and 8 answers decoded together.
+
+    python benchmarks/served_decode.py --weights FOLDER   # a weights folder, e.g. the phi-2-shaped stand-in
+                                                          # benchmarks/cpu_inference.py builds (about 8 min)
+    python benchmarks/served_decode.py --demo             # tiny random models: the script works
+
+Both arrangements are one int8 file loaded twice (`load_int8(share_inputs=...)`), so they hold the same numbers
+and differ only in how the products are run; the greedy answers are checked equal. Each answer is the served
+prompt shape (system prompt, template, the image's positions and a question), its own random image and a greedy
+answer of `--tokens`. Decode speed is taken where every row is decoding: from the moment the last of them has
+its first token to the moment the first of them has its last, tokens arrived in that window over its length.
+Arrangements take turns, `--rounds` rounds; medians. The table is printed and written to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.backends.pytorch import TorchBackend, load_torch
+from inference.config import GenerationOptions
+from inference.int8_files import load_int8
+from inference.measuring import RESULTS, TokenClock, bandwidth_gb_s, cpu_description, write_section
+from inference.precision import Precision
+from inference.prompt import Conversation, Turn, render
+from inference.serving_cache import int8_location
+
+QUESTIONS = ("What is in this picture?", "Describe the scene in detail.", "What colour is the largest object?")
+
+
+def prompts(loaded, rows: int) -> list[tuple[list[int], torch.Tensor]]:
+    """`rows` served prompts, each with its own question and random image."""
+    model, manifest, size = loaded.backend.model, loaded.manifest, loaded.backend.image_size
+    asked = []
+    for row in range(rows):
+        conversation = Conversation((Turn(f"{QUESTIONS[row % len(QUESTIONS)]} (visitor {row})"),))
+        ids = render(manifest.template, conversation, loaded.tokenizer, True, image_tokens=manifest.image_tokens)
+        generator = torch.Generator().manual_seed(row)
+        asked.append((ids.input_ids, model.encode_images(torch.rand(1, 3, size, size, generator=generator))))
+    return asked
+
+
+def decode(backend: TorchBackend, asked, tokens: int) -> tuple[float, list[list[int]]]:
+    """Tokens/s while every row decodes, and the answers; all rows are asked at once on their own threads."""
+    clocks, answers = [TokenClock() for _ in asked], [None] * len(asked)
+
+    def ask(row: int) -> None:
+        ids, embeds = asked[row]
+        options = GenerationOptions(max_new_tokens=tokens)
+        answers[row] = backend.generate(ids, embeds, options, streamer=clocks[row], image_key=f"image {row}")
+
+    threads = [threading.Thread(target=ask, args=(row,)) for row in range(len(asked))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    start, end = max(clock.times[0] for clock in clocks), min(clock.times[-1] for clock in clocks)
+    arrived = sum(start < moment <= end for clock in clocks for moment in clock.times)
+    if end <= start or arrived == 0:
+        raise RuntimeError("no window in which every row was decoding: ask for more --tokens")
+    return arrived / (end - start), answers
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, help="weights folder (the phi-2-shaped stand-in, or real weights)")
+    parser.add_argument("--demo", action="store_true", help="tiny random models built here (checks the script)")
+    parser.add_argument("--cache", type=Path, help="int8 cache folder (default: a temporary one)")
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the arrangements take turns in each")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file the table is written to")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.demo:
+            from inference.tiny import build_demo_weights
+
+            args.weights, _ = build_demo_weights(Path(scratch) / "demo")
+        elif args.weights is None:
+            parser.error("give --weights, or --demo")
+        loaded = load_torch(args.weights, Precision.INT8, args.cache or Path(scratch) / "int8")
+        model = loaded.backend.model
+        saved = int8_location(args.weights, loaded.manifest, args.cache or Path(scratch) / "int8")
+        language_models = {"one product (served)": model.language_model, "apart": load_int8(saved, False)}
+        bandwidth = bandwidth_gb_s(args.threads)
+        speeds: dict[tuple[str, int], list[float]] = {}
+        answers: dict[tuple[str, int], list] = {}
+        for _ in range(args.rounds):
+            for rows in (1, 8):
+                asked = prompts(loaded, rows)
+                for name, language_model in language_models.items():
+                    model.language_model = language_model
+                    speed, answers[name, rows] = decode(TorchBackend(model, Precision.INT8), asked, args.tokens)
+                    speeds.setdefault((name, rows), []).append(speed)
+    same = all(answers[name, rows] == answers[next(iter(language_models)), rows] for name, rows in answers)
+    table = [{"arrangement": name, "rows": rows, "tok_s": statistics.median(s)} for (name, rows), s in speeds.items()]
+    served = {row["rows"]: row["tok_s"] for row in table if row["arrangement"] == next(iter(language_models))}
+    lines = [
+        f"### Served int8 decode, shared-input products (served_decode.py, {time.strftime('%Y-%m-%d')})\n",
+        f"{cpu_description()}, {args.threads} threads; {'tiny random models' if args.demo else args.weights}; "
+        f"{args.tokens}-token greedy answers "
+        f"through the app's batcher, medians of {args.rounds} rounds taken in turn; read bandwidth "
+        f"{bandwidth:.1f} GB/s; greedy answers equal in both arrangements: {'yes' if same else 'NO'}; "
+        f"the run took {time.perf_counter() - began:.0f} s.\n",
+        "| q, k, v and fc1 | answers at once | decode tokens/s (all rows) | per answer | served ÷ this |",
+        "|---|---|---|---|---|",
+    ]
+    for row in table:
+        ratio = served[row["rows"]] / row["tok_s"]
+        lines.append(
+            f"| {row['arrangement']} | {row['rows']} | {row['tok_s']:.2f} | {row['tok_s'] / row['rows']:.2f} "
+            f"| {ratio:.2f}× |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(text, "### Served int8 decode, shared-input products", args.results)
+    return table
+
+
+if __name__ == "__main__":
+    main()
