@@ -7,6 +7,10 @@ joins the batch at the next token boundary; an answer leaves as soon as it ends 
 length limit, or its visitor stopped), its KV cache kept for a follow-up question. Rows are left
 padded so that every row's newest position is the same column, and each row's positions and mask
 are its own: a row computes what it would alone (tests/test_batching.py holds greedy answers equal).
+
+The batch's KV cache is rows × its longest row, so one long conversation makes every row as long. A
+question joins only while the batch's cache, grown to every row's length limit, stays within
+`kv_bytes`; otherwise it waits for rows to leave (a question alone always starts).
 """
 
 from __future__ import annotations
@@ -104,8 +108,9 @@ class Job:
 class Batcher:
     """Decodes up to `slots` answers together on one thread; `generate` is called from any number of threads."""
 
-    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, slots: int = 8) -> None:
-        self.model, self.prefixes, self.slots = model, prefixes, slots
+    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, slots: int = 8, kv_bytes: float = float("inf")):
+        self.model, self.prefixes, self.slots, self.kv_bytes = model, prefixes, slots, kv_bytes
+        self.position_bytes = kv_position_bytes(model.language_model)
         self.waiting: deque[Answer | Job] = deque()
         self.running: list[Answer] = []
         self.cache: Cache | None = None  # the running answers' KV, one row each
@@ -151,7 +156,7 @@ class Batcher:
                 while not self.waiting and not self.running:
                     self.condition.wait()
                 # Work ahead (a `Job`) never waits for a slot; a question waits until an answer leaves.
-                ready = self.waiting and (isinstance(self.waiting[0], Job) or len(self.running) < self.slots)
+                ready = self.waiting and (isinstance(self.waiting[0], Job) or self._fits(self.waiting[0]))
                 item = self.waiting.popleft() if ready else None
             if isinstance(item, Job):
                 try:
@@ -167,6 +172,15 @@ class Batcher:
                     self._step()
             except BaseException as error:  # out of memory, say: every running answer's caller hears of it
                 self._fail(error)
+
+    def _fits(self, answer: Answer) -> bool:
+        """Whether `answer` may join: a slot is free and the batch's KV cache, every row at its length limit
+        (and the room a buffer grows by), stays within `kv_bytes`. A question alone always starts."""
+        if not self.running:
+            return True
+        rows = [*self.running, answer]
+        longest = max(len(row.input_ids) + row.options.max_new_tokens for row in rows) + ROOM
+        return len(rows) <= self.slots and len(rows) * longest * self.position_bytes <= self.kv_bytes
 
     def _fail(self, error: BaseException) -> None:
         for answer in self.running:
@@ -220,7 +234,8 @@ class Batcher:
             for answer in complete:
                 self._finish(answer, caches[rows.index(answer)])
             kept = [row for row, answer in enumerate(rows) if answer not in complete]
-            self._place([rows[row] for row in kept], [caches[row] for row in kept])
+            caches = [caches[row] for row in kept]  # the views of the rows that left go: `_place` frees as it goes
+            self._place([rows[row] for row in kept], caches)
 
     def _rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each running answer's KV cache, layer by layer, without its padding."""
@@ -239,10 +254,11 @@ class Batcher:
         return rows
 
     def _place(self, answers: list[Answer], rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """Lay out `answers`' KV caches (`rows`) side by side, left padded so that each ends at the last column."""
+        """Lay out `answers`' KV caches (`rows`, used up) side by side, left padded so that each ends at the last
+        column. Layer by layer, the old layer is let go as the new one is made: the batch's KV is never twice held."""
         self.running = answers
+        old, self.cache = self.cache, None
         if not answers:
-            self.cache = None
             return
         columns = max(answer.positions for answer in answers)
         layers = []
@@ -251,6 +267,11 @@ class Batcher:
             layer = GrowingLayer()
             layer.set(torch.stack([keys for keys, _ in padded]), torch.stack([values for _, values in padded]))
             layers.append(layer)
+            del padded
+            for row in rows:
+                row[index] = None
+            if old is not None:
+                old.layers[index] = None
         self.cache = Cache(layers=layers)
 
     def _finish(
@@ -271,6 +292,15 @@ class Batcher:
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     """(heads, positions, width) → (heads, columns, width), zeros before the positions."""
     return torch.nn.functional.pad(tensor, (0, 0, columns - tensor.shape[1], 0))
+
+
+def kv_position_bytes(language_model: torch.nn.Module) -> int:
+    """Bytes one position of one row takes in the KV cache: keys and values of every layer."""
+    config = language_model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(language_model.dtype).bits // 8
+    return 2 * config.num_hidden_layers * heads * width * element
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -223,12 +223,13 @@ class PrefixCache:
 
     A follow-up question's prompt repeats the conversation so far, so the cache of the previous turn
     (prompt + answer) covers most of it; only the new part is computed. An entry is keyed by its ids
-    and its image: image positions only match the same image's. Holds `size` caches (each up to
-    2 × 32 layers × 2560 × 4 bytes ≈ 0.65 MB per position for phi-2 in fp32); one generation at a time uses it.
+    and its image: image positions only match the same image's. Holds the newest `size` caches, as many as fit
+    in `budget` bytes (2 × 32 layers × 2560 × 4 bytes ≈ 0.65 MB per position for phi-2 in fp32); the pinned
+    one is not counted. Thread-safe.
     """
 
-    def __init__(self, size: int = 2) -> None:
-        self.size = size
+    def __init__(self, size: int = 2, budget: float = float("inf")) -> None:
+        self.size, self.budget = size, budget
         self.entries: list[tuple[list[int], object, DynamicCache]] = []
         self.pinned: tuple[list[int], DynamicCache] | None = None  # a prefix every prompt starts with
         self.lock = threading.Lock()
@@ -270,6 +271,16 @@ class PrefixCache:
         with self.lock:
             self.entries.append((list(ids[: cache.get_seq_length()]), image_key, cache))
             del self.entries[: -self.size]
+            held = [cache_bytes(entry[2]) for entry in self.entries]
+            while held and sum(held) > self.budget:  # the oldest go first
+                held.pop(0)
+                self.entries.pop(0)
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Memory a KV cache holds (whole storages: a cropped cache still holds what it was cut from)."""
+    tensors = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values) if tensor is not None]
+    return sum({tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}.values())
 
 
 def shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: object) -> int:

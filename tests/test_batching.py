@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from inference.backends.pytorch import TorchBackend
+from inference.batching import ROOM, kv_position_bytes
 from inference.config import GenerationOptions
+from inference.model import PrefixCache, cache_bytes
 from tests.kit import make_shape_image, pixels, prompt_ids
 
 QUESTIONS = ("What colour is it?", "Where is the shape in the picture, and how large is it?", "Round?", "Why?")
@@ -50,19 +52,29 @@ def ask_together(backend, requests, release) -> list:
     return answers
 
 
-def test_answers_decoded_together_equal_greedy_answers_decoded_alone(loaded):
-    model, tokenizer = loaded.model, loaded.tokenizer
-    backend = TorchBackend(model)
-    sizes = []
-    step = backend.batcher._step
+def batch_sizes(backend: TorchBackend) -> list[int]:
+    """The number of rows of every decode step `backend` takes from now on."""
+    sizes, step = [], backend.batcher._step
     backend.batcher._step = lambda: (sizes.append(len(backend.batcher.running)), step())[1]
-    requests = []
+    return sizes
+
+
+def four_requests(loaded) -> list[tuple[list[int], torch.Tensor, GenerationOptions]]:
+    """Four questions about four images; different prompt lengths and answer lengths, so rows join and leave at
+    different steps."""
+    model, requests = loaded.model, []
     for index, (question, colour) in enumerate(zip(QUESTIONS, COLOURS, strict=True)):
         embeds = model.encode_images(pixels(model, make_shape_image(colour)))
-        # Different prompt lengths and answer lengths, so rows join and leave at different steps.
-        requests.append(
-            (prompt_ids(tokenizer, question, loaded.manifest.image_tokens), embeds, GenerationOptions(8 + 4 * index))
-        )
+        ids = prompt_ids(loaded.tokenizer, question, loaded.manifest.image_tokens)
+        requests.append((ids, embeds, GenerationOptions(8 + 4 * index)))
+    return requests
+
+
+def test_answers_decoded_together_equal_greedy_answers_decoded_alone(loaded):
+    model = loaded.model
+    backend = TorchBackend(model)
+    sizes = batch_sizes(backend)
+    requests = four_requests(loaded)
     alone = [model.generate(ids, embeds, options) for ids, embeds, options in requests]
     together = ask_together(backend, requests, held(backend))
     assert together == alone
@@ -148,3 +160,33 @@ def test_work_ahead_runs_between_steps_even_when_every_slot_is_taken(loaded):
     assert answering.is_alive() and backend.prefixes.pinned is not None
     stop.set()
     answering.join(60)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_question_waits_while_the_batch_kv_cache_would_pass_its_budget(loaded, rows):
+    model = loaded.model
+    requests = four_requests(loaded)
+    # Each row of the batch's cache is as long as its longest row (left padded), up to its length limit.
+    longest = max(len(ids) + options.max_new_tokens for ids, _, options in requests) + ROOM
+    budget = rows * longest * kv_position_bytes(model.language_model)  # room for `rows` such rows, not more
+    backend = TorchBackend(model, kv_bytes=(budget, float("inf")))
+    sizes = batch_sizes(backend)
+    together = ask_together(backend, requests, held(backend))
+    assert together == [model.generate(ids, embeds, options) for ids, embeds, options in requests]
+    assert max(sizes) == rows  # with 1, each question alone: the budget never stops one from starting
+
+
+def test_kept_kv_caches_stay_within_their_budget_the_oldest_going_first(loaded):
+    model = loaded.model
+    ids, _ = red_question(loaded)
+    caches = [model.prefill(ids[: ids.index(-200) - cut])[0] for cut in (0, 1, 2)]  # text only, each its own
+    sizes = [cache_bytes(cache) for cache in caches]
+    assert len(set(sizes)) == 3 and all(size > 0 for size in sizes)
+    prefixes = PrefixCache(8, budget=sizes[1] + sizes[2])
+    for index, cache in enumerate(caches):
+        prefixes.put(ids, f"image {index}", cache)
+    assert [entry[1] for entry in prefixes.entries] == ["image 1", "image 2"]  # the first went
+    assert sum(cache_bytes(entry[2]) for entry in prefixes.entries) <= prefixes.budget
+    prefixes.budget = sizes[2] - 1
+    prefixes.put(ids, "image 3", model.prefill(ids[:4])[0])  # a small one comes: only it fits
+    assert [entry[1] for entry in prefixes.entries] == ["image 3"]

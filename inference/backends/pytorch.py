@@ -20,17 +20,27 @@ from inference.serving_cache import int8_location
 
 SLOTS = 8  # answers decoded together; more wait in the app's queue
 PREFIX_CACHES = SLOTS  # KV caches of recent answers kept for follow-up questions, one per conversation answered at once
+# The KV caches' memory, beside the served model and Whisper, within CPU Basic's 16 GB: the batch being decoded
+# (a question waits while it would grow past this) and the caches kept for follow-ups (the oldest go first).
+RUNNING_KV_BYTES = 5 << 30
+KEPT_KV_BYTES = 3 << 30
 
 
 class TorchBackend:
     """`inference.backends.ServingBackend` over a `MultimodalPhi`: up to `slots` answers decoded together, every
     computation on the batcher's thread; follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
 
-    def __init__(self, model: MultimodalPhi, precision: Precision | None = None, slots: int = SLOTS) -> None:
+    def __init__(
+        self,
+        model: MultimodalPhi,
+        precision: Precision | None = None,
+        slots: int = SLOTS,
+        kv_bytes: tuple[float, float] = (RUNNING_KV_BYTES, KEPT_KV_BYTES),
+    ) -> None:
         self.model = model.eval()
         self.precision = precision  # how it was loaded, when known
-        self.prefixes = PrefixCache(PREFIX_CACHES)
-        self.batcher = Batcher(self.model, self.prefixes, slots)
+        self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
+        self.batcher = Batcher(self.model, self.prefixes, slots, kv_bytes=kv_bytes[0])
         self.slots = slots
         self.image_size = model.vision_tower.image_size
         self.max_positions = model.max_positions
