@@ -1,12 +1,13 @@
 """Continuous batching (`inference.batching`): answers decoded together equal answers decoded alone."""
 
 import threading
+import weakref
 
 import pytest
 import torch
 
 from inference.backends.pytorch import TorchBackend
-from inference.batching import ROOM, kv_position_bytes
+from inference.batching import ROOM, Batcher, GrowingLayer, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.model import PrefixCache, cache_bytes
 from tests.kit import make_shape_image, pixels, prompt_ids
@@ -190,3 +191,36 @@ def test_kept_kv_caches_stay_within_their_budget_the_oldest_going_first(loaded):
     prefixes.budget = sizes[2] - 1
     prefixes.put(ids, "image 3", model.prefill(ids[:4])[0])  # a small one comes: only it fits
     assert [entry[1] for entry in prefixes.entries] == ["image 3"]
+
+
+def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loaded, monkeypatch):
+    model = loaded.model
+    backend = TorchBackend(model)
+    place, set_layer = Batcher._place, GrowingLayer.set
+    old: list[weakref.ref] = []  # the batch's layer buffers before a join or a leave
+    made: list[int] = []  # layers rebuilt so far in this `_place`
+    seen: list[tuple[int, int]] = []  # per layer rebuilt: (earlier old layers still held, later ones still held)
+
+    def watched_place(self, answers, rows):
+        old[:] = [weakref.ref(layer.buffers[0]) for layer in self.cache.layers] if self.cache else []
+        made[:] = [0]
+        place(self, answers, rows)
+        made.clear()
+
+    def watched_set(self, keys, values):
+        if made and old:
+            done = made[0]
+            held = [ref() is not None for ref in old]
+            seen.append((sum(held[:done]), sum(held[done:])))
+            made[0] += 1
+        set_layer(self, keys, values)
+
+    monkeypatch.setattr(Batcher, "_place", watched_place)
+    monkeypatch.setattr(GrowingLayer, "set", watched_set)
+    requests = four_requests(loaded)
+    together = ask_together(backend, requests, held(backend))
+    assert together == [model.generate(ids, embeds, options) for ids, embeds, options in requests]
+    layers = model.language_model.config.num_hidden_layers
+    assert len(seen) >= layers * 3  # three joins or leaves with a batch before them, at least
+    assert all(earlier == 0 for earlier, _ in seen)  # each old layer went once its new one was made
+    assert all(later == layers - index % layers for index, (_, later) in enumerate(seen))  # and not before
