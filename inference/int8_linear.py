@@ -51,12 +51,13 @@ class Int8Linear(nn.Module):
         from torch.ao.quantization import quantize_dynamic
 
         weight = linear.weight.detach().float()
-        rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        with torch.no_grad():
-            rest.weight.copy_(weight.index_fill(1, columns, 0.0))
-            if linear.bias is not None:
-                rest.bias.copy_(linear.bias.float())
-        int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8)[0]
+        # Built on the meta device and given its tensors, and quantized in place: no initialised or copied
+        # full-size weight beside the one quantized (the most memory a first start takes).
+        rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        rest.weight = nn.Parameter(weight.index_fill(1, columns, 0.0), requires_grad=False)
+        if linear.bias is not None:
+            rest.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)[0]
         return cls(int8, columns, weight[:, columns].T.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -240,6 +240,8 @@ def _quantize_children(
             nn.Parameter(torch.cat([linear.bias.detach().float() for linear in group]), False) if has_bias else None
         )
         peak = torch.stack([peaks.pop(linear) for linear in group]).amax(0)  # one input: the same peaks
+        for linear in group:  # joined: their own fp32 weights can go before the product is quantized
+            linear.weight = linear.bias = None
         shared = SharedInput(_int8_linear(joined, peak, qconfig), [linear.out_features for linear in group])
         place_shared(module, [names[linear] for linear in group], shared)
     found = [(p, n, c) for p in module.modules() for n, c in p.named_children() if type(c) is nn.Linear]
