@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
                 tables[slots].append(row)
     text = report(tables[args.slots], tables[1], args, time.perf_counter() - started)
     print(text)
-    write_section(text, "Visitors at once", args.results)
+    write_section(text, "### Visitors at once", args.results)
     return tables
 
 

@@ -31,6 +31,7 @@ def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
 
 def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_path):
     results_file = tmp_path / "RESULTS.md"
+    results_file.write_text("# Benchmark results\n\n### Visitors at once, an earlier run (load.py)\n\nearlier rows\n")
     tables = load.main(
         ["--demo", "--users", "1", "3", "--baseline-users", "1", "--tokens", "8", "--results", str(results_file)]
     )
@@ -39,6 +40,7 @@ def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_p
         assert row["answered"] == row["users"] and row["refused"] == row["lost"] == 0
         assert 0 < row["first_p50"] <= row["total_p50"] and row["tokens_s"] > 0 and row["peak"] > 0
     text = results_file.read_text()
+    assert "earlier rows" not in text  # the earlier run's section is replaced
     assert text.count("### Visitors at once") == 1 and len(re.findall(r"^\| (8|1) \| \d+ \|", text, flags=re.M)) == 3
 
 
