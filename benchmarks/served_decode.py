@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.weights, _ = build_demo_weights(Path(scratch) / "demo")
         elif args.weights is None:
             parser.error("give --weights, or --demo")
-        loaded = load_torch(args.weights, Precision.INT8, args.cache or Path(scratch) / "int8")
+        cache = args.cache or Path(scratch) / "int8"
+        loaded = load_torch(args.weights, Precision.INT8, cache)
         model = loaded.backend.model
-        saved = int8_location(args.weights, loaded.manifest, args.cache or Path(scratch) / "int8")
+        saved = int8_location(args.weights, loaded.manifest, cache)
         language_models = {"one product (served)": model.language_model, "apart": load_int8(saved, False)}
         bandwidth = bandwidth_gb_s(args.threads)
         speeds: dict[tuple[str, int], list[float]] = {}
