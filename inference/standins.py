@@ -45,6 +45,10 @@ def random_phi(size: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> 
                 parameter.normal_(0.0, 0.02, generator=generator)
             else:
                 parameter.fill_(1.0 if "layernorm" in name and name.endswith("weight") else 0.0)
+    for module in model.modules():  # `to_empty` leaves buffers unset: the rotary frequencies, made as loading does
+        if hasattr(module, "original_inv_freq"):
+            made = type(module)(model.config)
+            module.inv_freq, module.original_inv_freq = made.inv_freq, made.original_inv_freq
     return model
 
 
