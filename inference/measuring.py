@@ -67,10 +67,11 @@ def bandwidth_gb_s(threads: int) -> float:
 
 def write_section(text: str, heading: str, path: Path = RESULTS) -> None:
     """Write `text` (a markdown section) to `path` in place of the section whose heading starts with `heading`
-    (a benchmark's previous run of the same kind); the file's other sections are kept."""
+    (a benchmark's previous run of the same kind, `heading` given with its '### ' or without); the file's other
+    sections are kept."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    sections = old.split("\n### ")
-    kept = [sections[0], *(f"### {s}" for s in sections[1:] if not f"### {s}".startswith(heading))]
+    sections, title = old.split("\n### "), heading.removeprefix("### ")
+    kept = [sections[0], *(f"### {s}" for s in sections[1:] if not s.startswith(title))]
     path.write_text("\n".join(part.rstrip("\n") + "\n" for part in kept) + "\n" + text)
 
 
