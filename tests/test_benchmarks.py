@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 
-from benchmarks import cpu_inference, int8_decode, load, served_decode
+import torch
+
+from benchmarks import cpu_inference, int4_fidelity, int8_decode, load, served_decode
 from inference.measuring import write_section
 
 
@@ -27,6 +31,9 @@ def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
     write_section("### CPU inference, small shape (again)\n", "### CPU inference, small shape", results_file)
     rewritten = results_file.read_text()
     assert rewritten.count("### CPU inference") == 1 and "(again)" in rewritten and "kept" in rewritten
+    write_section("### CPU inference, small shape (once more)\n", "CPU inference, small shape", results_file)
+    rewritten = results_file.read_text()  # a heading given without its '### ' replaces the section too
+    assert rewritten.count("### CPU inference") == 1 and "(once more)" in rewritten and "kept" in rewritten
 
 
 def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_path):
@@ -76,3 +83,25 @@ def test_served_decode_benchmark_runs_both_arrangements_through_the_batcher(tmp_
     assert text.count("### Served int8 decode, shared-input products") == 1
     assert "greedy answers equal in both arrangements: yes" in text
     assert len(re.findall(r"^\| (one product \(served\)|apart) \| [18] \|", text, flags=re.M)) == 4
+
+
+def test_int4_fidelity_codes_err_as_theory_says_and_bound_the_bits():
+    levels = int4_fidelity.gaussian_levels()  # Lloyd-Max for a standard normal (Max, 1960): ±2.733 … ±0.128
+    assert torch.allclose(levels, -levels.flip(0), atol=1e-3)
+    assert abs(levels[-1] - 2.733) < 0.01 and abs(levels[8] - 0.128) < 0.01
+    normal = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    assert abs(float((int4_fidelity.nearest(normal, levels) - normal).square().mean()) - 0.00950) < 0.0005
+    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(1)) * 0.02
+
+    def error(coded):
+        return float((coded - weight).square().sum() / weight.square().sum())
+
+    errors = [error(int4_fidelity.code_round_trip(weight, int4_fidelity.uniform_levels(b))) for b in (4, 5, 6)]
+    assert all(3 < coarse / fine < 5 for coarse, fine in itertools.pairwise(errors))  # each bit: about 4× less
+    absmax_only = int4_fidelity.code_round_trip(weight, int4_fidelity.uniform_levels(4), tries=1)
+    assert errors[0] < error(absmax_only)  # the searched scale beats the absmax one
+    assert error(int4_fidelity.code_round_trip(weight, levels)) < errors[0]  # Gaussian levels beat uniform ones
+    kept = [name for name, (_, _, keep) in int4_fidelity.FORMATS.items() if keep]
+    scores = {name: {"error": 1e-3 * (index + 1), "cosine": 1 - 5e-3 * (index + 1)} for index, name in enumerate(kept)}
+    ratio, allowed, bits = int4_fidelity.fewest_bits(scores)
+    assert math.isclose(ratio, 5) and math.isclose(allowed, 2e-3) and math.isclose(bits, 0.5 * math.log2(500))
