@@ -5,6 +5,7 @@ app answering one at a time (`--slots 1`), measured in the same run on the same 
     python benchmarks/load.py --weights FOLDER --whisper WHISPER.pt   # a weights folder, e.g. the phi-2-shaped
                                                                       # stand-in benchmarks/cpu_inference.py builds
     python benchmarks/load.py --demo --users 1 2 --tokens 8           # tiny random models: the script works
+    python benchmarks/load.py ... --backend llama.cpp                 # the app serving through llama.cpp
 
 For each number of users: p50 / p95 time to the first streamed word and to the whole answer, the
 answers' tokens per second all together, the app's peak memory while serving, and the visitors turned
@@ -39,15 +40,16 @@ QUEUE = 16  # the app's QUEUE_SIZE in these runs
 
 
 @contextmanager
-def running_app(weights: Path, whisper: Path, slots: int, threads: int, home: Path):
-    """`python app.py` in a subprocess (offline, int8 saved under `home`); yields (url, pid) once it answers."""
+def running_app(weights: Path, whisper: Path, slots: int, threads: int, home: Path, backend: str = "torch"):
+    """`python app.py` in a subprocess (offline, its int8 or GGUF file saved under `home`); yields (url, pid) once
+    it answers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "GRADIO_ANALYTICS_ENABLED": "False"}
     env |= {"QUEUE_SIZE": str(QUEUE), "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, str(ROOT / "app.py"), "--weights", str(weights), "--whisper", str(whisper)]
-    command += ["--slots", str(slots), "--port", str(port)]
+    command += ["--backend", backend, "--slots", str(slots), "--port", str(port)]
     log = open(home / f"app-{slots}.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -163,7 +165,7 @@ def report(rows: list[dict], baseline: list[dict], args, seconds: float) -> str:
     lone = next(row for row in rows if row["users"] == 1)
     one_at_a_time = {row["users"]: row for row in baseline}
     lines = [
-        f"### Visitors at once, {args.label} (load.py, {time.strftime('%Y-%m-%d')})",
+        f"### Visitors at once, {args.backend} backend, {args.label} (load.py, {time.strftime('%Y-%m-%d')})",
         "",
         f"{cpu_description()}, {args.threads} threads; {args.tokens}-token greedy answers, each visitor with their own "
         f"image; the app with `--slots {args.slots}` (answers decoded together) and, as the baseline, `--slots 1` "
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
     parser.add_argument("--demo", action="store_true", help="tiny random models built here (checks the script)")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 8 + QUEUE + 8])
     parser.add_argument("--baseline-users", type=int, nargs="+", default=[1, 8], help="users for --slots 1")
+    parser.add_argument("--backend", default="torch", choices=["torch", "llama.cpp"], help="the app's backend")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
     started = time.perf_counter()
     tables = {}
     for slots, users in ((args.slots, args.users), (1, args.baseline_users)):
-        with running_app(args.weights, args.whisper, slots, args.threads, home) as (url, pid):
+        with running_app(args.weights, args.whisper, slots, args.threads, home, args.backend) as (url, pid):
             wave(url, pid, images[-1:], 1, 8, tokenizer)  # the first answer of a process pays for its kernels' setup
             tables[slots] = []
             for count in users:
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
                 tables[slots].append(row)
     text = report(tables[args.slots], tables[1], args, time.perf_counter() - started)
     print(text)
-    write_section(text, "### Visitors at once", args.results)
+    write_section(text, f"### Visitors at once, {args.backend} backend", args.results)
     return tables
 
 

@@ -1,16 +1,16 @@
 """Continuous batching: the answers being written at the same time are decoded together, one step for all.
 
 A decode step reads every weight once, whether it computes one conversation's next token or eight
-(`benchmarks/load.py` measures what that buys), so `Batcher` runs every computation of a torch backend
-on one thread: a new question's prompt is computed alone (reusing a cached prefix, `PrefixCache`) and
-joins the batch at the next token boundary; an answer leaves as soon as it ends (end of text, its
-length limit, or its visitor stopped), its KV cache kept for a follow-up question. Rows are left
-padded so that every row's newest position is the same column, and each row's positions and mask
-are its own: a row computes what it would alone (tests/test_batching.py holds greedy answers equal).
+(`benchmarks/load.py` measures what that buys), so `Batcher` runs every computation of a backend on
+one thread: a new question's prompt is computed alone (reusing a cached prefix) and joins the batch at
+the next token boundary; an answer leaves as soon as it ends (end of text, its length limit, or its
+visitor stopped), its KV cache kept for a follow-up question. A question joins only while a slot is
+free and the batch's KV, every row at its length limit, fits (a question alone always starts);
+otherwise it waits for rows to leave. Tokens are chosen here, as transformers' generate does.
 
-The batch's KV cache is rows × its longest row, so one long conversation makes every row as long. A
-question joins only while the batch's cache, grown to every row's length limit, stays within
-`kv_bytes`; otherwise it waits for rows to leave (a question alone always starts).
+What the batch's KV caches are and how a step computes is the model's side, `Rows`: `TorchRows` for
+PyTorch (below), `inference.backends.llamacpp.LlamaCppRows` for llama.cpp. Each row computes what it
+would alone (tests/test_batching.py holds greedy answers equal).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import Cache, DynamicCache
@@ -105,15 +106,40 @@ class Job:
     error: BaseException | None = None
 
 
+class Rows(Protocol):
+    """A model's side of continuous batching: the KV caches of the answers `Batcher` decodes together. Every
+    method is called on the batcher's thread. `TorchRows` (below) and the llama.cpp backend's are the two."""
+
+    def fits(self, answers: list[Answer]) -> bool:
+        """Whether these answers' KV, each at its length limit, fits in memory together."""
+
+    def start(self, answer: Answer) -> torch.Tensor:
+        """Compute `answer`'s prompt, past whatever prefix of it is cached; the last position's logits."""
+
+    def enter(self, answer: Answer, running: list[Answer]) -> None:
+        """`answer` (started) joins the `running` ones' batch."""
+
+    def step(self, running: list[Answer]) -> torch.Tensor:
+        """Feed each running answer its newest token at its next position: logits (rows, vocabulary)."""
+
+    def leave(self, complete: list[Answer], running: list[Answer]) -> None:
+        """`complete` (some of `running`) leave the batch; each one's KV is kept for a follow-up question:
+        prompt and answer, the last token not fed."""
+
+    def set_aside(self, answer: Answer, keep: bool) -> None:
+        """`answer`, started, never enters: complete at once (its KV kept, `keep`) or failed as it started."""
+
+    def reset(self) -> None:
+        """Forget the batch after an error."""
+
+
 class Batcher:
     """Decodes up to `slots` answers together on one thread; `generate` is called from any number of threads."""
 
-    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, slots: int = 8, kv_bytes: float = float("inf")):
-        self.model, self.prefixes, self.slots, self.kv_bytes = model, prefixes, slots, kv_bytes
-        self.position_bytes = kv_position_bytes(model.language_model)
+    def __init__(self, rows: Rows, slots: int = 8, eos_token_id: int | None = None):
+        self.rows, self.slots, self.eos_token_id = rows, slots, eos_token_id
         self.waiting: deque[Answer | Job] = deque()
         self.running: list[Answer] = []
-        self.cache: Cache | None = None  # the running answers' KV, one row each
         self.condition = threading.Condition()
         self.thread: threading.Thread | None = None
 
@@ -174,76 +200,124 @@ class Batcher:
                 self._fail(error)
 
     def _fits(self, answer: Answer) -> bool:
-        """Whether `answer` may join: a slot is free and the batch's KV cache, every row at its length limit
-        (and the room a buffer grows by), stays within `kv_bytes`. A question alone always starts."""
-        if not self.running:
-            return True
+        """Whether `answer` may join: a slot is free and the batch's KV fits with it. A question alone always starts."""
         rows = [*self.running, answer]
-        longest = max(len(row.input_ids) + row.options.max_new_tokens for row in rows) + ROOM
-        return len(rows) <= self.slots and len(rows) * longest * self.position_bytes <= self.kv_bytes
+        return len(rows) == 1 or (len(rows) <= self.slots and self.rows.fits(rows))
 
     def _fail(self, error: BaseException) -> None:
         for answer in self.running:
-            self._finish(answer, None, error)
-        self.running, self.cache = [], None
+            self._finish(answer, error)
+        self.running = []
+        self.rows.reset()
 
-    @torch.no_grad()
     def _join(self, answer: Answer) -> None:
         """Compute `answer`'s prompt (past its cached prefix) and first token; it joins the batch unless complete."""
         if answer.stopped():  # its visitor left while it waited
-            return self._finish(answer, None)
+            return self._finish(answer)
         try:
             if answer.streamer is not None:
                 answer.streamer.put(torch.empty(1, 0, dtype=torch.long))  # as generate(): the prompt first (none)
-            past = self.prefixes.take(answer.input_ids, answer.image_key)
-            cache, logits = self.model.prefill(answer.input_ids, answer.image_embeds, past)
+            logits = self.rows.start(answer)
             answer.positions = len(answer.input_ids)
-            if answer.choose(logits, self.model.eos_token_id) or answer.stopped():
-                return self._finish(answer, cache)
+            if answer.choose(logits, self.eos_token_id) or answer.stopped():
+                self.rows.set_aside(answer, keep=True)
+                return self._finish(answer)
         except BaseException as error:
-            return self._finish(answer, None, error)
-        self._place([*self.running, answer], [*self._rows(), _layers(cache)])
+            self.rows.set_aside(answer, keep=False)
+            return self._finish(answer, error)
+        running, self.running = self.running, [*self.running, answer]  # so that an error in `enter` reaches it
+        self.rows.enter(answer, running)
 
-    @torch.no_grad()
     def _step(self) -> None:
         """Feed every running answer its newest token; each chooses its next; complete ones leave."""
-        rows = self.running
-        try:
-            tokens = torch.tensor([[answer.tokens[-1]] for answer in rows])
-            columns = self.cache.get_seq_length() + 1
-            mask = torch.zeros(len(rows), columns, dtype=torch.long)
-            for row, answer in enumerate(rows):
-                mask[row, columns - answer.positions - 1 :] = 1
-            output = self.model.language_model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=torch.tensor([[answer.positions] for answer in rows]),
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            complete = []
-            for row, answer in enumerate(rows):
-                answer.positions += 1
-                if answer.choose(output.logits[row, -1], self.model.eos_token_id) or answer.stopped():
-                    complete.append(answer)
-        except BaseException as error:
-            return self._fail(error)
+        running = self.running
+        logits = self.rows.step(running)
+        complete = []
+        for row, answer in enumerate(running):
+            answer.positions += 1
+            if answer.choose(logits[row], self.eos_token_id) or answer.stopped():
+                complete.append(answer)
         if complete:
-            caches = self._rows()
+            self.rows.leave(complete, running)
+            self.running = [answer for answer in running if answer not in complete]
             for answer in complete:
-                self._finish(answer, caches[rows.index(answer)])
-            kept = [row for row, answer in enumerate(rows) if answer not in complete]
-            caches = [caches[row] for row in kept]  # the views of the rows that left go: `_place` frees as it goes
-            self._place([rows[row] for row in kept], caches)
+                self._finish(answer)
 
-    def _rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    @staticmethod
+    def _finish(answer: Answer, error: BaseException | None = None) -> None:
+        """Hand `answer` back to its caller."""
+        answer.error = error
+        if answer.streamer is not None:
+            answer.streamer.end()
+        answer.done.set()
+
+
+class TorchRows:
+    """`Rows` for a `MultimodalPhi`: one KV cache for the batch, its rows left padded so that every row's newest
+    position is the same column, each row's positions and mask its own (so a row computes what it would alone).
+    A prompt is computed alone from the longest cached prefix (`PrefixCache`); an answer's KV goes back there.
+    The batch's KV is rows × its longest row: `fits` holds it, every row at its length limit, within `kv_bytes`."""
+
+    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, kv_bytes: float = float("inf")):
+        self.model, self.prefixes, self.kv_bytes = model, prefixes, kv_bytes
+        self.position_bytes = kv_position_bytes(model.language_model)
+        self.cache: Cache | None = None  # the running answers' KV, one row each
+        self.started: dict[Answer, DynamicCache] = {}  # a prompt's KV, between `start` and `enter` or `leave`
+
+    def fits(self, answers: list[Answer]) -> bool:
+        longest = max(len(answer.input_ids) + answer.options.max_new_tokens for answer in answers) + ROOM
+        return len(answers) * longest * self.position_bytes <= self.kv_bytes
+
+    @torch.no_grad()
+    def start(self, answer: Answer) -> torch.Tensor:
+        past = self.prefixes.take(answer.input_ids, answer.image_key)
+        self.started[answer], logits = self.model.prefill(answer.input_ids, answer.image_embeds, past)
+        return logits
+
+    def enter(self, answer: Answer, running: list[Answer]) -> None:
+        self._place([*running, answer], [*self._rows(running), _layers(self.started.pop(answer))])
+
+    @torch.no_grad()
+    def step(self, running: list[Answer]) -> torch.Tensor:
+        tokens = torch.tensor([[answer.tokens[-1]] for answer in running])
+        columns = self.cache.get_seq_length() + 1
+        mask = torch.zeros(len(running), columns, dtype=torch.long)
+        for row, answer in enumerate(running):
+            mask[row, columns - answer.positions - 1 :] = 1
+        output = self.model.language_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=torch.tensor([[answer.positions] for answer in running]),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1]
+
+    def leave(self, complete: list[Answer], running: list[Answer]) -> None:
+        caches = self._rows(running)
+        for answer in complete:
+            self._keep(answer, caches[running.index(answer)])
+        kept = [row for row, answer in enumerate(running) if answer not in complete]
+        caches = [caches[row] for row in kept]  # the views of the rows that left go: `_place` frees as it goes
+        self._place([running[row] for row in kept], caches)
+
+    def set_aside(self, answer: Answer, keep: bool) -> None:
+        cache = self.started.pop(answer, None)
+        if keep:
+            self._keep(answer, cache)
+
+    def reset(self) -> None:
+        self.cache = None
+        self.started.clear()
+
+    def _rows(self, running: list[Answer]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each running answer's KV cache, layer by layer, without its padding."""
         if self.cache is None:
             return []
         columns = self.cache.get_seq_length()
         rows = []
-        for row, answer in enumerate(self.running):
+        for row, answer in enumerate(running):
             first = columns - answer.positions
             rows.append(
                 [
@@ -256,7 +330,6 @@ class Batcher:
     def _place(self, answers: list[Answer], rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Lay out `answers`' KV caches (`rows`, used up) side by side, left padded so that each ends at the last
         column. Layer by layer, the old layer is let go as the new one is made: the batch's KV is never twice held."""
-        self.running = answers
         old, self.cache = self.cache, None
         if not answers:
             return
@@ -274,19 +347,11 @@ class Batcher:
                 old.layers[index] = None
         self.cache = Cache(layers=layers)
 
-    def _finish(
-        self, answer: Answer, kv: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache | None, error=None
-    ) -> None:
-        """Hand `answer` back to its caller; its KV cache (prompt and answer, the last token not fed) is kept for a
-        follow-up."""
-        answer.error = error
-        if kv is not None and error is None:
-            if not isinstance(kv, DynamicCache):
-                kv = _dynamic(kv, self.model.language_model.config)
-            self.prefixes.put([*answer.input_ids, *answer.tokens], answer.image_key, kv)
-        if answer.streamer is not None:
-            answer.streamer.end()
-        answer.done.set()
+    def _keep(self, answer: Answer, kv: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache) -> None:
+        """`answer`'s KV cache (prompt and answer, the last token not fed) kept for a follow-up."""
+        if not isinstance(kv, DynamicCache):
+            kv = _dynamic(kv, self.model.language_model.config)
+        self.prefixes.put([*answer.input_ids, *answer.tokens], answer.image_key, kv)
 
 
 def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:

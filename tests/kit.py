@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from inference.config import TemplateName
+from inference.config import GenerationOptions, TemplateName
 from inference.dimensions import PHI2
 from inference.prompt import Conversation, Turn, render
 from inference.vision import preprocess
@@ -170,3 +171,56 @@ def prompt_ids(tokenizer, question: str = "What is in this picture?", image_toke
     """The phi-2 chat prompt for one question about an image of `image_tokens` patches."""
     conversation = Conversation((Turn(question),))
     return render(TemplateName.PHI2_CHAT, conversation, tokenizer, True, image_tokens=image_tokens).input_ids
+
+
+# Continuous batching: what is asked while the batcher is held is decoded together (any backend with a `Batcher`).
+QUESTIONS = ("What colour is it?", "Where is the shape in the picture, and how large is it?", "Round?", "Why?")
+COLOURS = ("red", "blue", "green", "yellow")
+
+
+def held(backend) -> threading.Event:
+    """Keep the batcher busy until the returned event is set, so that what is asked meanwhile waits together."""
+    release, started = threading.Event(), threading.Event()
+    threading.Thread(target=backend.batcher.call, args=(lambda: (started.set(), release.wait()),), daemon=True).start()
+    started.wait()
+    return release
+
+
+def queued(backend, count: int) -> None:
+    while len(backend.batcher.waiting) < count:
+        threading.Event().wait(0.01)
+
+
+def ask_together(backend, requests, release) -> list:
+    """Ask each (ids, image_embeds, options, stop) on its own thread while the batcher is held; then release it."""
+    answers = [None] * len(requests)
+
+    def ask(index, ids, embeds, options, stop=None):
+        answers[index] = backend.generate(ids, embeds, options, stop=stop, image_key=f"image {index}")
+
+    threads = [threading.Thread(target=ask, args=(index, *request)) for index, request in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    queued(backend, len(requests))
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    return answers
+
+
+def batch_sizes(backend) -> list[int]:
+    """The number of rows of every decode step `backend` takes from now on."""
+    sizes, step = [], backend.batcher._step
+    backend.batcher._step = lambda: (sizes.append(len(backend.batcher.running)), step())[1]
+    return sizes
+
+
+def four_requests(loaded) -> list[tuple[list[int], torch.Tensor, GenerationOptions]]:
+    """Four questions about four images; different prompt lengths and answer lengths, so rows join and leave at
+    different steps."""
+    model, requests = loaded.model, []
+    for index, (question, colour) in enumerate(zip(QUESTIONS, COLOURS, strict=True)):
+        embeds = model.encode_images(pixels(model, make_shape_image(colour)))
+        ids = prompt_ids(loaded.tokenizer, question, loaded.manifest.image_tokens)
+        requests.append((ids, embeds, GenerationOptions(8 + 4 * index)))
+    return requests

@@ -7,21 +7,10 @@ import pytest
 import torch
 
 from inference.backends.pytorch import TorchBackend
-from inference.batching import ROOM, Batcher, GrowingLayer, kv_position_bytes
+from inference.batching import ROOM, GrowingLayer, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.model import PrefixCache, cache_bytes
-from tests.kit import make_shape_image, pixels, prompt_ids
-
-QUESTIONS = ("What colour is it?", "Where is the shape in the picture, and how large is it?", "Round?", "Why?")
-COLOURS = ("red", "blue", "green", "yellow")
-
-
-def held(backend: TorchBackend) -> threading.Event:
-    """Keep the batcher busy until the returned event is set, so that what is asked meanwhile waits together."""
-    release, started = threading.Event(), threading.Event()
-    threading.Thread(target=backend.batcher.call, args=(lambda: (started.set(), release.wait()),), daemon=True).start()
-    started.wait()
-    return release
+from tests.kit import ask_together, batch_sizes, four_requests, held, make_shape_image, pixels, prompt_ids, queued
 
 
 def red_question(loaded) -> tuple[list[int], torch.Tensor]:
@@ -29,46 +18,6 @@ def red_question(loaded) -> tuple[list[int], torch.Tensor]:
     model = loaded.model
     embeds = model.encode_images(pixels(model, make_shape_image("red")))
     return prompt_ids(loaded.tokenizer, "What colour is it?", loaded.manifest.image_tokens), embeds
-
-
-def queued(backend: TorchBackend, count: int) -> None:
-    while len(backend.batcher.waiting) < count:
-        threading.Event().wait(0.01)
-
-
-def ask_together(backend, requests, release) -> list:
-    """Ask each (ids, image_embeds, options, stop) on its own thread while the batcher is held; then release it."""
-    answers = [None] * len(requests)
-
-    def ask(index, ids, embeds, options, stop=None):
-        answers[index] = backend.generate(ids, embeds, options, stop=stop, image_key=f"image {index}")
-
-    threads = [threading.Thread(target=ask, args=(index, *request)) for index, request in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    queued(backend, len(requests))
-    release.set()
-    for thread in threads:
-        thread.join(60)
-    return answers
-
-
-def batch_sizes(backend: TorchBackend) -> list[int]:
-    """The number of rows of every decode step `backend` takes from now on."""
-    sizes, step = [], backend.batcher._step
-    backend.batcher._step = lambda: (sizes.append(len(backend.batcher.running)), step())[1]
-    return sizes
-
-
-def four_requests(loaded) -> list[tuple[list[int], torch.Tensor, GenerationOptions]]:
-    """Four questions about four images; different prompt lengths and answer lengths, so rows join and leave at
-    different steps."""
-    model, requests = loaded.model, []
-    for index, (question, colour) in enumerate(zip(QUESTIONS, COLOURS, strict=True)):
-        embeds = model.encode_images(pixels(model, make_shape_image(colour)))
-        ids = prompt_ids(loaded.tokenizer, question, loaded.manifest.image_tokens)
-        requests.append((ids, embeds, GenerationOptions(8 + 4 * index)))
-    return requests
 
 
 def test_answers_decoded_together_equal_greedy_answers_decoded_alone(loaded):
@@ -80,7 +29,7 @@ def test_answers_decoded_together_equal_greedy_answers_decoded_alone(loaded):
     together = ask_together(backend, requests, held(backend))
     assert together == alone
     assert max(sizes) == len(requests) and min(sizes) < len(requests)  # batched, and rows left as they ended
-    assert not backend.batcher.running and backend.batcher.cache is None
+    assert not backend.batcher.running and backend.batcher.rows.cache is None
     # Each answer's KV cache was kept: a follow-up computes only its new positions.
     ids = requests[1][0]
     follow_up = [*ids, *together[1], 5, 6, 7]
@@ -196,7 +145,7 @@ def test_kept_kv_caches_stay_within_their_budget_the_oldest_going_first(loaded):
 def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loaded, monkeypatch):
     model = loaded.model
     backend = TorchBackend(model)
-    place, set_layer = Batcher._place, GrowingLayer.set
+    place, set_layer = TorchRows._place, GrowingLayer.set
     old: list[weakref.ref] = []  # the batch's layer buffers before a join or a leave
     made: list[int] = []  # layers rebuilt so far in this `_place`
     seen: list[tuple[int, int]] = []  # per layer rebuilt: (earlier old layers still held, later ones still held)
@@ -215,7 +164,7 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
             made[0] += 1
         set_layer(self, keys, values)
 
-    monkeypatch.setattr(Batcher, "_place", watched_place)
+    monkeypatch.setattr(TorchRows, "_place", watched_place)
     monkeypatch.setattr(GrowingLayer, "set", watched_set)
     requests = four_requests(loaded)
     together = ask_together(backend, requests, held(backend))

@@ -6,6 +6,7 @@ import itertools
 import math
 import re
 
+import pytest
 import torch
 
 from benchmarks import cpu_inference, int4_fidelity, int8_decode, load, served_decode
@@ -36,12 +37,13 @@ def test_cpu_inference_small_mode_measures_every_method_in_one_run(tmp_path):
     assert rewritten.count("### CPU inference") == 1 and "(once more)" in rewritten and "kept" in rewritten
 
 
-def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_path, backend):
     results_file = tmp_path / "RESULTS.md"
-    results_file.write_text("# Benchmark results\n\n### Visitors at once, an earlier run (load.py)\n\nearlier rows\n")
-    tables = load.main(
-        ["--demo", "--users", "1", "3", "--baseline-users", "1", "--tokens", "8", "--results", str(results_file)]
-    )
+    earlier = f"### Visitors at once, {backend} backend, an earlier run (load.py)\n\nearlier rows\n"
+    results_file.write_text(f"# Benchmark results\n\n{earlier}")
+    args = ["--demo", "--users", "1", "3", "--baseline-users", "1", "--tokens", "8", "--backend", backend]
+    tables = load.main([*args, "--results", str(results_file)])
     assert [row["users"] for row in tables[8]] == [1, 3] and [row["users"] for row in tables[1]] == [1]
     for row in tables[8] + tables[1]:
         assert row["answered"] == row["users"] and row["refused"] == row["lost"] == 0

@@ -23,7 +23,7 @@ from inference.config import GenerationOptions, ProjectorType
 from inference.loading import load_weights
 from inference.precision import Precision
 from inference.vision import pixel_values
-from tests.kit import make_shape_image, pixels, prompt_ids
+from tests.kit import ask_together, batch_sizes, four_requests, held, make_shape_image, pixels, prompt_ids
 from tests.llamacpp_vision import LlamaCppVision
 from tests.test_hub import FakeHub
 from training import export_gguf, hub_upload
@@ -43,6 +43,21 @@ def weights(gpt2_phi_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(weights):
     return load_weights(weights, precision=Precision.FP32)
+
+
+def watch_starts(backend: LlamaCppBackend) -> list[int]:
+    """The first position of every prompt part `backend` decodes from now on (after what its cache held)."""
+    starts, decode = [], backend.llm.decode
+    backend.llm.decode = lambda ids, embeds, start, **kwargs: (
+        starts.append(start),
+        decode(ids, embeds, start, **kwargs),
+    )[1]
+    return starts
+
+
+def forget(backend: LlamaCppBackend) -> None:
+    """Empty every sequence's KV cache: the next prompt is computed whole."""
+    backend.batcher.call(lambda: [backend.rows.forget(index) for index in range(len(backend.rows.held))])
 
 
 def pytorch_logits(model, ids, image_embeds):
@@ -128,12 +143,13 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     replies = [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)]
     assert len(replies) > 2 and all(a == b[: len(a)] for a, b in itertools.pairwise(replies))
     # A follow-up reuses the first answer's cache and answers as a fresh context does.
+    starts = watch_starts(model)
     history = [("What is it?", replies[-1])]
     follow_up = [reply.answer for reply in assistant.chat(history, image, "And then?", options=options)][-1]
-    reused = len(model.cached)
-    model.cached = []  # forget: the whole prompt is computed again
+    reused = starts[-1]
+    forget(model)  # the whole prompt is computed again
     assert [reply.answer for reply in assistant.chat(history, image, "And then?", options=options)][-1] == follow_up
-    assert reused > 2 * loaded.manifest.image_tokens
+    assert reused > 2 * loaded.manifest.image_tokens and starts[-1] == 0
     # Greedy tokens equal PyTorch's where the logits are not near-ties (the model is random), in F16.
     ids = prompt_ids(loaded.tokenizer, QUESTION, loaded.manifest.image_tokens)
     with torch.no_grad():
@@ -149,17 +165,61 @@ def test_the_llama_cpp_backend_streams_follows_up_and_stops_as_the_torch_one(wei
     assert len(model.generate(ids, embeds, sampled)) <= 6
     assert served.backend.max_positions == loaded.model.max_positions
     assert served.backend.describe() == "llama.cpp Q8_0"
-    # Warmed, the context holds the system prompt, and the first question answers as it did without.
+    # Warmed, every sequence holds the system prompt, and the first question answers as it did without.
+    forget(model)
     assistant.warm()
-    assert model.cached and model.cached == ids[: ids.index(-200)]
+    assert all(held.ids == ids[: ids.index(-200)] for held in model.rows.held)
     assert [reply.answer for reply in assistant.chat([], image, "What is it?", options=options)][-1] == replies[-1]
-    # An image read on upload: the context holds the prompt through it, and the question answers as without.
+    assert starts[-1] == ids.index(-200)  # the question went on from the system prompt
+    # An image read on upload: a sequence holds the prompt through it, and the question answers as without.
     red = make_shape_image("red")
-    model.cached = []
+    forget(model)
     unread = [reply.answer for reply in assistant.chat([], red, "What is it?", options=options)][-1]
+    forget(model)
     assistant.look(red)
-    assert model.cached.count(-200) == loaded.manifest.image_tokens and model.cached[-1] != -200
+    read = [held.ids for held in model.rows.held if -200 in held.ids]
+    assert len(read) == 1 and read[0].count(-200) == loaded.manifest.image_tokens and read[0][-1] != -200
     assert [reply.answer for reply in assistant.chat([], red, "What is it?", options=options)][-1] == unread
+    assert starts[-1] == len(read[0])  # the question went on from the image read on upload
+
+
+def test_the_llama_cpp_backend_decodes_concurrent_answers_together_each_as_alone(weights, loaded, tmp_path):
+    backend = load_llamacpp(weights, None, threads=2, cache=tmp_path, slots=4).backend
+    requests = four_requests(loaded)
+    alone = [backend.generate(ids, embeds, options, image_key=f"alone {index}") for index, (ids, embeds, options)
+             in enumerate(requests)]  # fmt: skip
+    forget(backend)
+    sizes = batch_sizes(backend)
+    together = ask_together(backend, requests, held(backend))
+    assert together == alone
+    assert max(sizes) == len(requests) and min(sizes) < len(requests)  # batched, and rows left as they ended
+    assert not backend.batcher.running and not backend.rows.sequence
+    # Each answer's KV stays in its sequence: a follow-up computes only its new positions, and answers as alone.
+    starts = watch_starts(backend)
+    ids, embeds, options = requests[1]
+    follow_up = [*ids, *together[1], *ids[-6:]]
+    again = backend.generate(follow_up, embeds, options, image_key="image 1")
+    assert starts == [len(ids) + len(together[1]) - 1]
+    forget(backend)
+    assert backend.generate(follow_up, embeds, options, image_key="image 1") == again and starts[-1] == 0
+
+
+def test_the_llama_cpp_backend_reads_ahead_between_steps_even_when_every_slot_answers(weights, loaded, tmp_path):
+    backend = load_llamacpp(weights, None, threads=2, cache=tmp_path, slots=1).backend
+    ids, embeds, _ = four_requests(loaded)[0]
+    stop, long = threading.Event(), GenerationOptions(max_new_tokens=backend.max_positions - len(ids))
+    answering = threading.Thread(target=lambda: backend.generate(ids, embeds, long, stop=stop, image_key="a"))
+    answering.start()
+    while not backend.batcher.running:
+        threading.Event().wait(0.01)
+    backend.prepare(ids[: ids.index(-200)])  # no free sequence: the question computes it when it comes
+    assert answering.is_alive()
+    stop.set()
+    answering.join(60)
+    starts = watch_starts(backend)
+    through_image = ids[: len(ids) - ids[::-1].index(-200)]
+    backend.prepare(through_image, embeds, "b")  # a new image read on upload, now that the slot is free
+    assert starts == [ids.index(-200)]  # after the system prompt, which the answered conversation holds
 
 
 def test_a_changed_base_model_is_exported_afresh(gpt2_phi_dir, tmp_path):

@@ -26,6 +26,8 @@ from inference.config import GenerationOptions, Manifest
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.serving_cache import SERVING_CACHE
 
+SLOTS = 8  # answers a backend decodes together; more wait in the app's queue
+
 
 class Backend(StrEnum):
     TORCH = "torch"
@@ -82,12 +84,12 @@ def load_backend(
     """A weights folder (or Hub id) served by `backend`: in PyTorch in `precision` (int8 saved under
     `cache`/int8 at the first start), or in llama.cpp from the GGUF file in `gguf` (a folder or Hub repo),
     else exported once into `cache`/gguf. `threads`: llama.cpp's threads (default: torch's pool). `slots`: answers
-    the torch backend decodes together (default `inference.backends.pytorch.SLOTS`; llama.cpp answers one at a time)."""
+    decoded together (default `SLOTS`)."""
     backend = Backend(backend)
     if backend is Backend.LLAMA_CPP:
         from inference.backends.llamacpp import load_llamacpp
 
-        return load_llamacpp(weights, gguf, threads or torch.get_num_threads(), cache / "gguf")
+        return load_llamacpp(weights, gguf, threads or torch.get_num_threads(), cache / "gguf", slots or SLOTS)
     from inference.backends.pytorch import load_torch
 
     return load_torch(weights, Precision(precision), cache / "int8", slots)

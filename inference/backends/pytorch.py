@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from inference.backends import LoadedBackend
-from inference.batching import Batcher
+from inference.backends import SLOTS, LoadedBackend
+from inference.batching import Batcher, TorchRows
 from inference.config import GenerationOptions, Manifest
 from inference.hub import resolve_weights
 from inference.loading import load_weights
@@ -18,7 +18,6 @@ from inference.model import MultimodalPhi, PrefixCache
 from inference.precision import Precision
 from inference.serving_cache import int8_location
 
-SLOTS = 8  # answers decoded together; more wait in the app's queue
 PREFIX_CACHES = SLOTS  # KV caches of recent answers kept for follow-up questions, one per conversation answered at once
 # The KV caches' memory, beside the served model and Whisper, within CPU Basic's 16 GB: the batch being decoded
 # (a question waits while it would grow past this) and the caches kept for follow-ups (the oldest go first).
@@ -40,7 +39,7 @@ class TorchBackend:
         self.model = model.eval()
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
-        self.batcher = Batcher(self.model, self.prefixes, slots, kv_bytes=kv_bytes[0])
+        self.batcher = Batcher(TorchRows(self.model, self.prefixes, kv_bytes[0]), slots, model.eos_token_id)
         self.slots = slots
         self.image_size = model.vision_tower.image_size
         self.max_positions = model.max_positions
