@@ -225,8 +225,8 @@ def build_demo(assistant: Assistant, demo_mode: bool = False) -> gr.Blocks:
             options = generation_options(defaults, *settings)
             yield from respond(assistant, image, last.question, None, exchanges[:-1], options)
 
-        # As many answers at once as the backend decodes together, whichever button started them (the torch
-        # backend batches them; llama.cpp answers one at a time); the queue shows the rest their place.
+        # As many answers at once as the backend decodes together (`--slots`), whichever button started them;
+        # the queue shows the rest their place.
         slots = assistant.backend.slots
         running = dict(concurrency_limit=slots, concurrency_id="generate", show_progress="minimal")
         private = dict(api_visibility="private", queue=False)
