@@ -1,12 +1,16 @@
 """The served int8 model's decode speed through the app's batcher, with the layers that read one input computed as
-one product (as served: `inference.int8_linear.SharedInput`) and apart, for 1 and 8 answers decoded together.
+one product (as served: `inference.int8_linear.SharedInput`) and apart, for 1 and 8 answers decoded together;
+with `--llama-cpp`, the llama.cpp backend (Q8_0) through the same batcher beside them.
 
     python benchmarks/served_decode.py --weights FOLDER   # a weights folder, e.g. the phi-2-shaped stand-in
                                                           # benchmarks/cpu_inference.py builds (about 8 min)
+    python benchmarks/served_decode.py --weights FOLDER --llama-cpp [--gguf FOLDER]
     python benchmarks/served_decode.py --demo             # tiny random models: the script works
 
-Both arrangements are one int8 file loaded twice (`load_int8(share_inputs=...)`), so they hold the same numbers
-and differ only in how the products are run; the greedy answers are checked equal. Each answer is the served
+Both int8 arrangements are one int8 file loaded twice (`load_int8(share_inputs=...)`), so they hold the same
+numbers and differ only in how the products are run; their greedy answers are checked equal (llama.cpp's
+Q8_0 rounds otherwise, so its answers may differ). llama.cpp's GGUF file is `--gguf`'s, else exported
+once into the cache folder as the app does. Each answer is the served
 prompt shape (system prompt, template, the image's positions and a question), its own random image and a greedy
 answer of `--tokens`. Decode speed is taken where every row is decoding: from the moment the last of them has
 its first token to the moment the first of them has its last, tokens arrived in that window over its length.
@@ -27,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference.backends.llamacpp import load_llamacpp
 from inference.backends.pytorch import TorchBackend, load_torch
 from inference.config import GenerationOptions
 from inference.int8_files import load_int8
@@ -50,7 +55,7 @@ def prompts(loaded, rows: int) -> list[tuple[list[int], torch.Tensor]]:
     return asked
 
 
-def decode(backend: TorchBackend, asked, tokens: int) -> tuple[float, list[list[int]]]:
+def decode(backend, asked, tokens: int) -> tuple[float, list[list[int]]]:
     """Tokens/s while every row decodes, and the answers; all rows are asked at once on their own threads."""
     clocks, answers = [TokenClock() for _ in asked], [None] * len(asked)
 
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, help="weights folder (the phi-2-shaped stand-in, or real weights)")
     parser.add_argument("--demo", action="store_true", help="tiny random models built here (checks the script)")
-    parser.add_argument("--cache", type=Path, help="int8 cache folder (default: a temporary one)")
+    parser.add_argument("--cache", type=Path, help="int8 and GGUF cache folder (default: a temporary one)")
+    parser.add_argument("--llama-cpp", action="store_true", help="the llama.cpp backend too (Q8_0)")
+    parser.add_argument("--gguf", type=Path, help="its GGUF folder (default: exported once into --cache)")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the arrangements take turns in each")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU Basic has 2 vCPUs)")
@@ -90,32 +97,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.weights, _ = build_demo_weights(Path(scratch) / "demo")
         elif args.weights is None:
             parser.error("give --weights, or --demo")
-        cache = args.cache or Path(scratch) / "int8"
-        loaded = load_torch(args.weights, Precision.INT8, cache)
+        cache = args.cache or Path(scratch)
+        loaded = load_torch(args.weights, Precision.INT8, cache / "int8")
         model = loaded.backend.model
-        saved = int8_location(args.weights, loaded.manifest, cache)
+        saved = int8_location(args.weights, loaded.manifest, cache / "int8")
         language_models = {"one product (served)": model.language_model, "apart": load_int8(saved, False)}
+        backends = {name: lambda: TorchBackend(model, Precision.INT8) for name in language_models}
+        if args.llama_cpp or args.demo:
+            llama = load_llamacpp(args.weights, args.gguf, args.threads, cache / "gguf").backend
+            backends[llama.describe()] = lambda: llama  # one context: its sequences keep what they computed
         bandwidth = bandwidth_gb_s(args.threads)
         speeds: dict[tuple[str, int], list[float]] = {}
         answers: dict[tuple[str, int], list] = {}
         for _ in range(args.rounds):
             for rows in (1, 8):
                 asked = prompts(loaded, rows)
-                for name, language_model in language_models.items():
-                    model.language_model = language_model
-                    speed, answers[name, rows] = decode(TorchBackend(model, Precision.INT8), asked, args.tokens)
+                for name, backend in backends.items():
+                    model.language_model = language_models.get(name, model.language_model)
+                    speed, answers[name, rows] = decode(backend(), asked, args.tokens)
                     speeds.setdefault((name, rows), []).append(speed)
-    same = all(answers[name, rows] == answers[next(iter(language_models)), rows] for name, rows in answers)
+    served_name = next(iter(language_models))
+    same = all(answers[name, rows] == answers[served_name, rows] for name in language_models for rows in (1, 8))
     table = [{"arrangement": name, "rows": rows, "tok_s": statistics.median(s)} for (name, rows), s in speeds.items()]
-    served = {row["rows"]: row["tok_s"] for row in table if row["arrangement"] == next(iter(language_models))}
+    served = {row["rows"]: row["tok_s"] for row in table if row["arrangement"] == served_name}
     lines = [
         f"### Served int8 decode, shared-input products (served_decode.py, {time.strftime('%Y-%m-%d')})\n",
         f"{cpu_description()}, {args.threads} threads; {'tiny random models' if args.demo else args.weights}; "
         f"{args.tokens}-token greedy answers "
         f"through the app's batcher, medians of {args.rounds} rounds taken in turn; read bandwidth "
-        f"{bandwidth:.1f} GB/s; greedy answers equal in both arrangements: {'yes' if same else 'NO'}; "
+        f"{bandwidth:.1f} GB/s; greedy answers equal in both int8 arrangements: {'yes' if same else 'NO'}; "
         f"the run took {time.perf_counter() - began:.0f} s.\n",
-        "| q, k, v and fc1 | answers at once | decode tokens/s (all rows) | per answer | served ÷ this |",
+        "| arrangement | answers at once | decode tokens/s (all rows) | per answer | served ÷ this |",
         "|---|---|---|---|---|",
     ]
     for row in table:

@@ -71,20 +71,23 @@ def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_
     )
 
 
-def test_served_decode_benchmark_runs_both_arrangements_through_the_batcher(tmp_path):
+def test_served_decode_benchmark_runs_every_arrangement_through_the_batcher(tmp_path):
     results_file = tmp_path / "RESULTS.md"
     table = served_decode.main(["--demo", "--tokens", "12", "--rounds", "1", "--results", str(results_file)])
     assert sorted((row["arrangement"], row["rows"]) for row in table) == [
         ("apart", 1),
         ("apart", 8),
+        ("llama.cpp Q8_0", 1),
+        ("llama.cpp Q8_0", 8),
         ("one product (served)", 1),
         ("one product (served)", 8),
     ]
     assert all(row["tok_s"] > 0 for row in table)
     text = results_file.read_text()
     assert text.count("### Served int8 decode, shared-input products") == 1
-    assert "greedy answers equal in both arrangements: yes" in text
-    assert len(re.findall(r"^\| (one product \(served\)|apart) \| [18] \|", text, flags=re.M)) == 4
+    assert "greedy answers equal in both int8 arrangements: yes" in text
+    rows = r"^\| (one product \(served\)|apart|llama.cpp Q8_0) \| [18] \|"
+    assert len(re.findall(rows, text, flags=re.M)) == 6
 
 
 def test_int4_fidelity_codes_err_as_theory_says_and_bound_the_bits():
