@@ -20,6 +20,7 @@ Arrangements take turns, `--rounds` rounds; medians. The table is printed and wr
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from inference.backends.llamacpp import load_llamacpp
 from inference.backends.pytorch import TorchBackend, load_torch
 from inference.config import GenerationOptions
 from inference.int8_files import load_int8
-from inference.measuring import RESULTS, TokenClock, bandwidth_gb_s, cpu_description, write_section
+from inference.measuring import AVX2_KERNELS, RESULTS, TokenClock, bandwidth_gb_s, cpu_description, write_section
 from inference.precision import Precision
 from inference.prompt import Conversation, Turn, render
 from inference.serving_cache import int8_location
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     same = all(answers[name, rows] == answers[served_name, rows] for name in language_models for rows in (1, 8))
     table = [{"arrangement": name, "rows": rows, "tok_s": statistics.median(s)} for (name, rows), s in speeds.items()]
     served = {row["rows"]: row["tok_s"] for row in table if row["arrangement"] == served_name}
+    # One section per kernel class: a run with torch's kernels limited to AVX2 keeps the native run's.
+    limited = any(os.environ.get(name) for name in AVX2_KERNELS)
+    heading = f"### Served decode{', AVX2 kernels' if limited else ''}: shared-input products and backends"
     lines = [
-        f"### Served int8 decode, shared-input products (served_decode.py, {time.strftime('%Y-%m-%d')})\n",
+        f"{heading} (served_decode.py, {time.strftime('%Y-%m-%d')})\n",
         f"{cpu_description()}, {args.threads} threads; {'tiny random models' if args.demo else args.weights}; "
         f"{args.tokens}-token greedy answers "
         f"through the app's batcher, medians of {args.rounds} rounds taken in turn; read bandwidth "
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    write_section(text, "### Served int8 decode, shared-input products", args.results)
+    write_section(text, heading, args.results)
     return table
 
 
