@@ -66,8 +66,10 @@ class Int8Linear(nn.Module):
         scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
         output = output * scale if self.bias is None else torch.addcmul(self.bias, output - self.bias, scale)
-        if self.columns.numel():
-            output.addmm_(rows.index_select(-1, self.columns), self.outlier_weight)
+        # The outlier columns one at a time, element by element: a matrix product's kernel (and so its rounding)
+        # changes with the number of rows, and a row must compute the same alone as in a batch.
+        for column, weight in zip(rows.index_select(-1, self.columns).T, self.outlier_weight, strict=True):
+            output.addcmul_(column[:, None], weight)
         return output.view(*x.shape[:-1], output.shape[-1])
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    AttentionInterface,
     DynamicCache,
     PreTrainedModel,
     RepetitionPenaltyLogitsProcessor,
@@ -24,6 +25,8 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from inference.config import GenerationOptions
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
@@ -291,6 +294,29 @@ def shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: 
             break
         length += 1
     return length
+
+
+ROW_BY_ROW = "sdpa_row_by_row"  # the attention `MultimodalPhi` serves with (`row_by_row_attention`)
+
+
+def row_by_row_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except that a decode step (one new position per row) computes each row
+    alone, over its own positions: the call its row would make with nothing else in the batch. Left padding
+    shifts a row's positions in a batched kernel and its masked columns change the kernel's path, so a row's
+    attention would differ in the last bits from its own, and a near tie could pick another token: with this,
+    an int8 answer (whose products are exact per row) is the same, bit for bit, whoever else is asking."""
+    if query.shape[2] != 1:  # a prompt: always computed alone (`inference.batching`)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for row in range(query.shape[0]):
+        first = 0 if attention_mask is None else int(attention_mask[row, 0, -1].int().argmax())  # padding before
+        keys, values = key[row : row + 1, :, first:], value[row : row + 1, :, first:]
+        rows.append(sdpa_attention_forward(module, query[row : row + 1], keys, values, None, **kwargs)[0])
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(ROW_BY_ROW, row_by_row_attention)
+AttentionMaskInterface.register(ROW_BY_ROW, sdpa_mask)
 
 
 def next_token(logits: torch.Tensor, generated: Sequence[int], options: GenerationOptions) -> int:

@@ -9,7 +9,9 @@ import torch
 from inference.backends.pytorch import TorchBackend
 from inference.batching import ROOM, GrowingLayer, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
+from inference.loading import load_weights
 from inference.model import PrefixCache, cache_bytes
+from inference.precision import Precision
 from tests.kit import ask_together, batch_sizes, four_requests, held, make_shape_image, pixels, prompt_ids, queued
 
 
@@ -173,3 +175,26 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
     assert len(seen) >= layers * 3  # three joins or leaves with a batch before them, at least
     assert all(earlier == 0 for earlier, _ in seen)  # each old layer went once its new one was made
     assert all(later == layers - index % layers for index, (_, later) in enumerate(seen))  # and not before
+
+
+def test_an_int8_row_computes_bit_for_bit_what_it_computes_alone(weights_dir):
+    loaded = load_weights(weights_dir, precision=Precision.INT8)  # the served precision: exact products per row
+    backend = TorchBackend(loaded.model)
+    seen: dict[object, list[torch.Tensor]] = {}  # each answer's logits, step by step
+    step = backend.batcher.rows.step
+
+    def watched(running):
+        logits = step(running)
+        for row, answer in enumerate(running):
+            seen.setdefault(answer.image_key, []).append(logits[row].clone())
+        return logits
+
+    backend.batcher.rows.step = watched
+    requests = four_requests(loaded) * 2  # eight rows, their prompts left padded to the longest
+    for index, (ids, embeds, options) in enumerate(requests):
+        backend.generate(ids, embeds, options, image_key=f"alone {index}")
+    together = ask_together(backend, requests, held(backend))
+    assert all(len(answer) > 1 for answer in together)
+    for index in range(len(requests)):  # not only the same tokens: the same logits, to the last bit
+        alone, batched = seen[f"alone {index}"], seen[f"image {index}"]
+        assert len(alone) == len(batched) and all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))

@@ -87,3 +87,14 @@ def test_a_saved_int8_model_names_its_layers_and_loads_as_one_product_or_apart(p
     assert isinstance(separate.model.layers[0].mlp.fc1, Int8Linear)
     expected = logits(shared, ids)
     assert torch.equal(logits(joined, ids), expected) and torch.equal(logits(separate, ids), expected)
+
+
+def test_a_row_of_an_int8_product_is_the_same_alone_and_in_a_batch(shared_and_apart):
+    shared, _ = shared_and_apart
+    product = next(m for m in shared.model.layers[0].children() if isinstance(m, SharedInput)).product
+    assert product.columns.numel() > 0  # the outlier columns' fp32 part counts too
+    rows = torch.randn(9, product.int8.in_features, generator=torch.Generator().manual_seed(0))
+    rows[:, product.columns] *= 30
+    with torch.no_grad():
+        batched = product(rows)
+        assert all(torch.equal(batched[row : row + 1], product(rows[row : row + 1])) for row in range(9))

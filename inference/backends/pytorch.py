@@ -14,7 +14,7 @@ from inference.batching import Batcher, TorchRows
 from inference.config import GenerationOptions, Manifest
 from inference.hub import resolve_weights
 from inference.loading import load_weights
-from inference.model import MultimodalPhi, PrefixCache
+from inference.model import ROW_BY_ROW, MultimodalPhi, PrefixCache
 from inference.precision import Precision
 from inference.serving_cache import int8_location
 
@@ -37,6 +37,7 @@ class TorchBackend:
         kv_bytes: tuple[float, float] = (RUNNING_KV_BYTES, KEPT_KV_BYTES),
     ) -> None:
         self.model = model.eval()
+        model.language_model.set_attn_implementation(ROW_BY_ROW)  # an answer is the same whoever else asks
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
         self.batcher = Batcher(TorchRows(self.model, self.prefixes, kv_bytes[0]), slots, model.eos_token_id)
