@@ -309,9 +309,14 @@ def row_by_row_attention(module, query, key, value, attention_mask, **kwargs) ->
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     for row in range(query.shape[0]):
-        first = 0 if attention_mask is None else int(attention_mask[row, 0, -1].int().argmax())  # padding before
+        mask = None if attention_mask is None else attention_mask[min(row, len(attention_mask) - 1), :, -1:]
+        first = 0 if mask is None else int(mask[0, 0].int().argmax())  # the padding before the row's positions
+        if mask is not None and not mask[..., first:].all():  # not only left padding: the mask as given
+            first, mask = 0, mask[None]
+        else:
+            mask = None
         keys, values = key[row : row + 1, :, first:], value[row : row + 1, :, first:]
-        rows.append(sdpa_attention_forward(module, query[row : row + 1], keys, values, None, **kwargs)[0])
+        rows.append(sdpa_attention_forward(module, query[row : row + 1], keys, values, mask, **kwargs)[0])
     return torch.cat(rows), None
 
 

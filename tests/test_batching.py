@@ -5,12 +5,13 @@ import weakref
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from inference.backends.pytorch import TorchBackend
 from inference.batching import ROOM, GrowingLayer, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.loading import load_weights
-from inference.model import PrefixCache, cache_bytes
+from inference.model import PrefixCache, cache_bytes, row_by_row_attention
 from inference.precision import Precision
 from tests.kit import ask_together, batch_sizes, four_requests, held, make_shape_image, pixels, prompt_ids, queued
 
@@ -198,3 +199,17 @@ def test_an_int8_row_computes_bit_for_bit_what_it_computes_alone(weights_dir):
     for index in range(len(requests)):  # not only the same tokens: the same logits, to the last bit
         alone, batched = seen[f"alone {index}"], seen[f"image {index}"]
         assert len(alone) == len(batched) and all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
+
+
+def test_row_by_row_attention_is_sdpa_with_each_left_padded_row_computed_alone():
+    module = torch.nn.Module()
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(3, 2, length, 8, generator=generator) for length in (1, 6, 6))
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., :2] = False  # left padding
+    mask[2, ..., 1] = False  # a hole: computed with its mask
+    rows, _ = row_by_row_attention(module, query, key, value, mask)
+    batched, _ = sdpa_attention_forward(module, query, key, value, mask)
+    torch.testing.assert_close(rows, batched)
+    alone, _ = sdpa_attention_forward(module, query[1:2], key[1:2, :, 2:], value[1:2, :, 2:], None)
+    assert torch.equal(rows[1:2], alone)
