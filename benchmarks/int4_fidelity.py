@@ -2,7 +2,7 @@
 on the phi-2-shaped stand-in with planted outliers, the fewest bits any code could need, and the speed of
 torch's CPU 4-bit kernel against the served int8 one.
 
-    python benchmarks/int4_fidelity.py            # phi-2's shape (about 10 min, 16 GB)
+    python benchmarks/int4_fidelity.py            # phi-2's shape (about 17 min, 19 GB)
     python benchmarks/int4_fidelity.py --small    # a 0.16B model of phi's structure
 
 Fidelity: phi with random weights of the real shape, outliers planted (`inference.standins`), answers a
