@@ -7,9 +7,13 @@ app answering one at a time (`--slots 1`), measured in the same run on the same 
     python benchmarks/load.py --demo --users 1 2 --tokens 8           # tiny random models: the script works
     python benchmarks/load.py ... --backend llama.cpp                 # the app serving through llama.cpp
 
-For each number of users: p50 / p95 time to the first streamed word and to the whole answer, the
-answers' tokens per second all together, the app's peak memory while serving, and the visitors turned
-away because the queue was full (the last wave asks more than the app answers and queues: `--slots` +
+Both apps run side by side. The waves both are asked (`--baseline-users`, 1 and 8 visitors) take turns,
+`--rounds` rounds: the batched app, then the one-at-a-time app, so that a drift in the machine's speed
+(a shared VM's changes within minutes) falls on both; the ratio is the median of the rounds' ratios, shown
+with its range. The other waves are asked once, after. For each number of users: p50 / p95 time to the
+first streamed word and to the whole answer (over every round's answers), the answers' tokens per second
+all together (median of the rounds), the app's peak memory while serving, and the visitors turned away
+because the queue was full (the last wave asks more than the app answers and queues: `--slots` +
 QUEUE_SIZE). Greedy answers, so each run computes the same tokens. The table is printed and written to
 benchmarks/RESULTS.md.
 """
@@ -19,13 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +132,7 @@ def answer_text(messages) -> str:
 
 
 def wave(url: str, pid: int, images: list[Path], users: int, tokens: int, tokenizer) -> dict:
-    """`users` visitors asking at once; their answers' statistics."""
+    """`users` visitors asking at once: each answer's times, the tokens answered over the wave's wall time."""
     results: list[dict] = [{}] * users
     threads = [
         threading.Thread(target=lambda i=i: results.__setitem__(i, visitor(url, images[i], tokens, tokenizer)))
@@ -141,46 +146,70 @@ def wave(url: str, pid: int, images: list[Path], users: int, tokens: int, tokeni
             thread.join()
         wall = time.perf_counter() - start
     answered = [result for result in results if result and not result["refused"]]
-    firsts, totals = [r["first"] for r in answered], [r["total"] for r in answered]
+    refused = sum(1 for result in results if result.get("refused"))
     return {
         "users": users,
         "answered": len(answered),
-        "refused": sum(1 for result in results if result.get("refused")),
-        "lost": users - len(answered) - sum(1 for result in results if result.get("refused")),
+        "refused": refused,
+        "lost": users - len(answered) - refused,
+        "firsts": [result["first"] for result in answered],
+        "totals": [result["total"] for result in answered],
+        "tokens_s": sum(result["tokens"] for result in answered) / wall,
+        "peak": memory.peak,
+    }
+
+
+def summary(waves: list[dict]) -> dict:
+    """One table row from the waves of one number of users: counts summed, percentiles over every answer,
+    the last answer and tokens/s the median of the waves', the peak the largest."""
+    firsts = [moment for wave in waves for moment in wave["firsts"]]
+    totals = [moment for wave in waves for moment in wave["totals"]]
+    return {
+        "users": waves[0]["users"],
+        "waves": len(waves),
+        **{key: sum(wave[key] for wave in waves) for key in ("answered", "refused", "lost")},
         "first_p50": percentile(firsts, 50),
         "first_p95": percentile(firsts, 95),
         "total_p50": percentile(totals, 50),
         "total_p95": percentile(totals, 95),
-        "last": max(totals, default=float("nan")),
-        "tokens_s": sum(r["tokens"] for r in answered) / wall,
-        "peak": memory.peak,
+        "last": statistics.median(max(wave["totals"], default=float("nan")) for wave in waves),
+        "tokens_s": statistics.median(wave["tokens_s"] for wave in waves),
+        "peak": max(wave["peak"] for wave in waves),
     }
+
+
+def ratios(batched: list[dict], baseline: list[dict]) -> list[float]:
+    """Each round's tokens/s batched over one at a time (the waves of a round taken in turn)."""
+    pairs = zip(batched, baseline, strict=True)
+    return [ours["tokens_s"] / theirs["tokens_s"] for ours, theirs in pairs if theirs["tokens_s"]]
 
 
 def percentile(values: list[float], q: int) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def report(rows: list[dict], baseline: list[dict], args, seconds: float) -> str:
+def report(rows: list[dict], baseline: list[dict], rounds: dict[int, list[float]], args, seconds: float) -> str:
     lone = next(row for row in rows if row["users"] == 1)
-    one_at_a_time = {row["users"]: row for row in baseline}
     lines = [
         f"### Visitors at once, {args.backend} backend, {args.label} (load.py, {time.strftime('%Y-%m-%d')})",
         "",
         f"{cpu_description()}, {args.threads} threads; {args.tokens}-token greedy answers, each visitor with their own "
-        f"image; the app with `--slots {args.slots}` (answers decoded together) and, as the baseline, `--slots 1` "
-        f"(one at a time), queue {QUEUE}; run took {seconds / 60:.1f} min.",
+        f"image, never asked about before; the app with `--slots {args.slots}` (answers decoded together) and, as "
+        f"the baseline, `--slots 1` (one at a time), queue {QUEUE}, both running; the waves both were asked took "
+        f"turns, {args.rounds} rounds (tokens/s and the last answer: medians of the waves; × one at a time: median "
+        f"of the rounds' ratios, their range in brackets); run took {seconds / 60:.1f} min.",
         "",
-        "| slots | users | answered | turned away | first word p50 / p95 | whole answer p50 / p95 | last answer "
-        "| tokens/s (all) | × one at a time | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| slots | users | waves | answered | turned away | first word p50 / p95 | whole answer p50 / p95 "
+        "| last answer | tokens/s (all) | × one at a time | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for slots, table in ((args.slots, rows), (1, baseline)):
         for row in table:
-            base = one_at_a_time.get(row["users"])
-            ratio = f"{row['tokens_s'] / base['tokens_s']:.2f}×" if base and base["tokens_s"] and slots != 1 else ""
+            ratio = rounds.get(row["users"]) if slots != 1 else None
+            spread = f" ({min(ratio):.2f}–{max(ratio):.2f})" if ratio and len(ratio) > 1 else ""
+            ratio = f"{statistics.median(ratio):.2f}×{spread}" if ratio else ""
             lines.append(
-                f"| {slots} | {row['users']} | {row['answered']} | {row['refused']} "
+                f"| {slots} | {row['users']} | {row['waves']} | {row['answered']} | {row['refused']} "
                 f"| {row['first_p50']:.1f} / {row['first_p95']:.1f} s "
                 f"| {row['total_p50']:.1f} / {row['total_p95']:.1f} s "
                 f"| {row['last']:.1f} s | {row['tokens_s']:.2f} | {ratio} | {row['peak'] / 1e9:.1f} GB |"
@@ -188,9 +217,20 @@ def report(rows: list[dict], baseline: list[dict], args, seconds: float) -> str:
     lost = sum(row["lost"] for row in rows + baseline)
     lines += [
         "",
-        f"A lone answer took {lone['total_p50']:.1f} s. Requests lost (neither answered nor turned away): {lost}.",
+        f"A lone answer took {lone['total_p50']:.1f} s (p50). "
+        f"Requests lost (neither answered nor turned away): {lost}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def new_images(folder: Path, count: int) -> list[Path]:
+    """`count` random 640 × 480 pictures, none like any made before in `folder`."""
+    made = len(list(folder.glob("visitor-*.png")))
+    paths = [folder / f"visitor-{made + index}.png" for index in range(count)]
+    for index, path in enumerate(paths):
+        pixels = np.random.default_rng(made + index).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
@@ -199,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
     parser.add_argument("--whisper", type=Path, help="whisper .pt beside it")
     parser.add_argument("--demo", action="store_true", help="tiny random models built here (checks the script)")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16, 8 + QUEUE + 8])
-    parser.add_argument("--baseline-users", type=int, nargs="+", default=[1, 8], help="users for --slots 1")
+    parser.add_argument("--baseline-users", type=int, nargs="+", default=[1, 8], help="users for --slots 1 too")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds in which both apps take turns")
     parser.add_argument("--backend", default="torch", choices=["torch", "llama.cpp"], help="the app's backend")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
@@ -226,23 +267,35 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
     home.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(args.weights)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_reference(args.weights, manifest.language_model))
-    images = []
-    for index in range(max(args.users)):
-        pixels = np.random.default_rng(index).integers(0, 255, (480, 640, 3), dtype=np.uint8)
-        images.append(scratch / f"visitor-{index}.png")
-        Image.fromarray(pixels).save(images[-1])
     print(cpu_description(), flush=True)
     started = time.perf_counter()
-    tables = {}
-    for slots, users in ((args.slots, args.users), (1, args.baseline_users)):
-        with running_app(args.weights, args.whisper, slots, args.threads, home, args.backend) as (url, pid):
-            wave(url, pid, images[-1:], 1, 8, tokenizer)  # the first answer of a process pays for its kernels' setup
-            tables[slots] = []
-            for count in users:
-                row = wave(url, pid, images, count, args.tokens, tokenizer)
-                print(f"slots {slots}: {row}", flush=True)
-                tables[slots].append(row)
-    text = report(tables[args.slots], tables[1], args, time.perf_counter() - started)
+    with ExitStack() as stack:
+        apps = {}
+        for slots in (args.slots, 1):  # one after the other: the first to start saves the int8 file the other reads
+            apps[slots] = stack.enter_context(
+                running_app(args.weights, args.whisper, slots, args.threads, home, args.backend)
+            )
+            wave(*apps[slots], new_images(scratch, 1), 1, 8, tokenizer)  # a process's first answer sets up kernels
+        waves: dict[int, dict[int, list[dict]]] = {slots: {} for slots in apps}
+
+        def ask(slots_and_users: list[tuple[int, int]]) -> None:
+            # Images never seen before: an image asked about again would find its prompt's KV cached.
+            images = new_images(scratch, max(users for _, users in slots_and_users))
+            for slots, users in slots_and_users:
+                result = wave(*apps[slots], images, users, args.tokens, tokenizer)
+                shown = {key: value for key, value in result.items() if key not in ("firsts", "totals")}
+                print(f"slots {slots}: {shown}", flush=True)
+                waves[slots].setdefault(users, []).append(result)
+
+        for _ in range(args.rounds):
+            for users in args.baseline_users:
+                ask([(args.slots, users), (1, users)])
+        for users in args.users:
+            if users not in args.baseline_users:
+                ask([(args.slots, users)])
+    tables = {slots: [summary(waves[slots][users]) for users in sorted(waves[slots])] for slots in waves}
+    rounds = {users: ratios(waves[args.slots][users], waves[1][users]) for users in waves[1]}
+    text = report(tables[args.slots], tables[1], rounds, args, time.perf_counter() - started)
     print(text)
     write_section(text, f"### Visitors at once, {args.backend} backend", args.results)
     return tables

@@ -42,15 +42,23 @@ def test_load_benchmark_asks_the_running_app_with_several_visitors_at_once(tmp_p
     results_file = tmp_path / "RESULTS.md"
     earlier = f"### Visitors at once, {backend} backend, an earlier run (load.py)\n\nearlier rows\n"
     results_file.write_text(f"# Benchmark results\n\n{earlier}")
-    args = ["--demo", "--users", "1", "3", "--baseline-users", "1", "--tokens", "8", "--backend", backend]
-    tables = load.main([*args, "--results", str(results_file)])
-    assert [row["users"] for row in tables[8]] == [1, 3] and [row["users"] for row in tables[1]] == [1]
+    args = ["--demo", "--users", "1", "3", "--baseline-users", "1", "--rounds", "2", "--tokens", "8"]
+    tables = load.main([*args, "--backend", backend, "--results", str(results_file)])
+    # The wave both apps are asked by is asked in each round; the others once.
+    assert [(row["users"], row["waves"]) for row in tables[8]] == [(1, 2), (3, 1)]
+    assert [(row["users"], row["waves"]) for row in tables[1]] == [(1, 2)]
     for row in tables[8] + tables[1]:
-        assert row["answered"] == row["users"] and row["refused"] == row["lost"] == 0
+        assert row["answered"] == row["users"] * row["waves"] and row["refused"] == row["lost"] == 0
         assert 0 < row["first_p50"] <= row["total_p50"] and row["tokens_s"] > 0 and row["peak"] > 0
     text = results_file.read_text()
     assert "earlier rows" not in text  # the earlier run's section is replaced
-    assert text.count("### Visitors at once") == 1 and len(re.findall(r"^\| (8|1) \| \d+ \|", text, flags=re.M)) == 3
+    assert (
+        text.count("### Visitors at once") == 1 and len(re.findall(r"^\| (8|1) \| \d+ \| \d \|", text, flags=re.M)) == 3
+    )
+    # One at a time has no ratio; the batched wave of 1 has the median of its 2 rounds' ratios and their range.
+    (ratio,) = re.findall(r"^\| 8 \| 1 \| 2 \|.*\| ([\d.]+× \([\d.]+–[\d.]+\)) \|", text, flags=re.M)
+    low, high = map(float, re.findall(r"[\d.]+", ratio)[1:])
+    assert low <= float(ratio.split("×")[0]) <= high
 
 
 def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_path):
