@@ -27,7 +27,8 @@ KEPT_KV_BYTES = 3 << 30
 
 class TorchBackend:
     """`inference.backends.ServingBackend` over a `MultimodalPhi`: up to `slots` answers decoded together, every
-    computation on the batcher's thread; follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
+    computation of the language model on the batcher's thread (an image's encoding, small beside it, on its
+    visitor's); follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
 
     def __init__(
         self,
