@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from inference.backends.pytorch import TorchBackend
-from inference.batching import ROOM, GrowingLayer, TorchRows, kv_position_bytes
+from inference.backends.pytorch import ROOM, GrowingLayer, TorchBackend, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.loading import load_weights
 from inference.model import PrefixCache, cache_bytes, row_by_row_attention
