@@ -2,11 +2,14 @@
 
 import threading
 import weakref
+from collections import Counter
+from itertools import pairwise
 
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from inference.backends import pytorch
 from inference.backends.pytorch import ROOM, GrowingLayer, TorchBackend, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.loading import load_weights
@@ -118,8 +121,9 @@ def test_work_ahead_runs_between_steps_even_when_every_slot_is_taken(loaded):
 def test_a_question_waits_while_the_batch_kv_cache_would_pass_its_budget(loaded, rows):
     model = loaded.model
     requests = four_requests(loaded)
-    # Each row of the batch's cache is as long as its longest row (left padded), up to its length limit.
-    longest = max(len(ids) + options.max_new_tokens for ids, _, options in requests) + ROOM
+    # Each row of the batch's cache is as long as its longest row, up to its length limit, with up to ROOM columns
+    # of padding before it and ROOM to grow after it.
+    longest = max(len(ids) + options.max_new_tokens for ids, _, options in requests) + 2 * ROOM
     budget = rows * longest * kv_position_bytes(model.language_model)  # room for `rows` such rows, not more
     backend = TorchBackend(model, kv_bytes=(budget, float("inf")))
     sizes = batch_sizes(backend)
@@ -158,13 +162,13 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
         place(self, answers, rows)
         made.clear()
 
-    def watched_set(self, keys, values):
+    def watched_set(self, keys, values, capacity=0):
         if made and old:
             done = made[0]
             held = [ref() is not None for ref in old]
             seen.append((sum(held[:done]), sum(held[done:])))
             made[0] += 1
-        set_layer(self, keys, values)
+        set_layer(self, keys, values, capacity)
 
     monkeypatch.setattr(TorchRows, "_place", watched_place)
     monkeypatch.setattr(GrowingLayer, "set", watched_set)
@@ -172,9 +176,42 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
     together = ask_together(backend, requests, held(backend))
     assert together == [model.generate(ids, embeds, options) for ids, embeds, options in requests]
     layers = model.language_model.config.num_hidden_layers
-    assert len(seen) >= layers * 3  # three joins or leaves with a batch before them, at least
+    assert len(seen) >= layers  # a join or a leave laid out anew with a batch before it, at least
     assert all(earlier == 0 for earlier, _ in seen)  # each old layer went once its new one was made
     assert all(later == layers - index % layers for index, (_, later) in enumerate(seen))  # and not before
+
+
+@pytest.mark.parametrize("room", [ROOM, 2])
+def test_rows_join_and_leave_in_place_and_the_padding_stays_within_room(loaded, monkeypatch, room):
+    """A question joins into a spare buffer row and an answer leaves by moving up the rows after it, with no new
+    layout; with little room the buffers also grow, and a leave that would leave more than `ROOM` columns of
+    padding lays the batch out anew."""
+    monkeypatch.setattr(pytorch, "ROOM", room)
+    model = loaded.model
+    backend = TorchBackend(model)
+    rows, calls, padding, columns = backend.batcher.rows, Counter(), [], []
+    for owner, name in ((GrowingLayer, "put"), (GrowingLayer, "drop"), (TorchRows, "_place")):
+        method = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda self, *a, _m=method, _n=name: (calls.update([_n]), _m(self, *a))[1])
+    step = rows.step
+
+    def watched(running):
+        columns.append(rows.cache.get_seq_length())
+        padding.append(columns[-1] - max(answer.positions for answer in running))
+        return step(running)
+
+    rows.step = watched
+    requests = four_requests(loaded) * 2
+    ids, embeds, _ = requests.pop(1)
+    requests.insert(0, (ids, embeds, GenerationOptions(3)))  # the longest prompt first, and soon gone
+    together = ask_together(backend, requests, held(backend))
+    assert together == [model.generate(ids, embeds, options) for ids, embeds, options in requests]
+    layers = model.language_model.config.num_hidden_layers
+    assert calls["put"] >= layers and calls["drop"] >= layers  # joined and left in place, each at least once
+    assert calls["_place"] < 2 * len(requests)  # fewer new layouts than joins and leaves
+    assert max(padding) <= room
+    if room < ROOM:  # the longest row left the others with more padding than room: laid out anew, narrower
+        assert any(later < earlier for earlier, later in pairwise(columns))
 
 
 def test_an_int8_row_computes_bit_for_bit_what_it_computes_alone(weights_dir):

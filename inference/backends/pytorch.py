@@ -32,35 +32,61 @@ ROOM = 64  # positions a KV buffer grows by beyond what it needs, so most steps 
 
 class GrowingLayer(DynamicLayer):
     """One layer's KV in a buffer with room to grow: a step writes its position in place, where transformers'
-    `DynamicLayer` concatenates (copying the whole cache of every row, every token)."""
+    `DynamicLayer` concatenates (copying the whole cache of every row, every token). The buffer may have rows
+    to spare, so that a row joins or leaves by copying only what moves (`put`, `move`, `drop`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.length = 0
+        self.rows = 0
 
-    def set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold `keys`/`values` (batch, heads, positions, width) with room after them."""
-        shape = (*keys.shape[:2], keys.shape[2] + ROOM, keys.shape[3])
-        self.buffers = (keys.new_zeros(shape), values.new_zeros(shape))
-        self.buffers[0][:, :, : keys.shape[2]] = keys
-        self.buffers[1][:, :, : keys.shape[2]] = values
+    def set(self, keys: torch.Tensor, values: torch.Tensor, capacity: int = 0) -> None:
+        """Hold `keys`/`values` (batch, heads, positions, width) with room after them, in a buffer of at least
+        `capacity` rows (rows beyond the batch are not written until a row joins into them)."""
+        self.rows = keys.shape[0]
+        shape = (max(self.rows, capacity), keys.shape[1], keys.shape[2] + ROOM, keys.shape[3])
+        self.buffers = (keys.new_empty(shape), values.new_empty(shape))
+        self.buffers[0][: self.rows, :, : keys.shape[2]] = keys
+        self.buffers[1][: self.rows, :, : keys.shape[2]] = values
         self._view(keys.shape[2])
+
+    def put(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A new last row: `keys`/`values` (heads, positions, width) ending at the last column, zeros before."""
+        first = self.length - keys.shape[1]
+        for buffer, tensor in zip(self.buffers, (keys, values), strict=True):
+            buffer[self.rows, :, :first] = 0
+            buffer[self.rows, :, first : self.length] = tensor
+        self.rows += 1
+        self._view(self.length)
+
+    def move(self, source: int, target: int) -> None:
+        for buffer in self.buffers:
+            buffer[target, :, : self.length] = buffer[source, :, : self.length]
+
+    def drop(self, rows: int) -> None:
+        """Keep the first `rows` rows."""
+        self.rows = rows
+        self._view(self.length)
+
+    def spare(self) -> int:
+        return self.buffers[0].shape[0] - self.rows
 
     def _view(self, length: int) -> None:
         self.length = length
-        self.keys, self.values = (buffer[:, :, :length] for buffer in self.buffers)
+        self.keys, self.values = (buffer[: self.rows, :, :length] for buffer in self.buffers)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.length + key_states.shape[2]
         if self.buffers is None or end > self.buffers[0].shape[2]:
-            self.set(
-                *(torch.cat([old, new], dim=2) for old, new in ((self.keys, key_states), (self.values, value_states)))
+            grown = (
+                torch.cat([old, new], dim=2) for old, new in ((self.keys, key_states), (self.values, value_states))
             )
+            self.set(*grown, capacity=0 if self.buffers is None else self.buffers[0].shape[0])
         else:
-            self.buffers[0][:, :, self.length : end] = key_states
-            self.buffers[1][:, :, self.length : end] = value_states
+            self.buffers[0][: self.rows, :, self.length : end] = key_states
+            self.buffers[1][: self.rows, :, self.length : end] = value_states
             self._view(end)
         return self.keys, self.values
 
@@ -72,16 +98,22 @@ class TorchRows:
     """`Rows` for a `MultimodalPhi`: one KV cache for the batch, its rows left padded so that every row's newest
     position is the same column, each row's positions and mask its own (so a row computes what it would alone).
     A prompt is computed alone from the longest cached prefix (`PrefixCache`); an answer's KV goes back there.
-    The batch's KV is rows × its longest row: `fits` holds it, every row at its length limit, within `kv_bytes`."""
+    The batch's KV is rows × its longest row: `fits` holds it, every row at its length limit, within `kv_bytes`.
 
-    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, kv_bytes: float = float("inf")):
-        self.model, self.prefixes, self.kv_bytes = model, prefixes, kv_bytes
+    A question joins in place when its prompt is no longer than the batch's rows (a buffer row to spare, room
+    before the last column), an answer leaves by moving up the rows after it: only the rows that move are
+    copied. Otherwise, or once every row has more than `ROOM` columns of padding, the batch is laid out anew,
+    its buffers with rows for `slots` answers (written only when used)."""
+
+    def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, kv_bytes: float = float("inf"), slots: int = SLOTS):
+        self.model, self.prefixes, self.kv_bytes, self.slots = model, prefixes, kv_bytes, slots
         self.position_bytes = kv_position_bytes(model.language_model)
         self.cache: Cache | None = None  # the running answers' KV, one row each
         self.started: dict[Answer, DynamicCache] = {}  # a prompt's KV, between `start` and `enter` or `leave`
 
     def fits(self, answers: list[Answer]) -> bool:
-        longest = max(len(answer.input_ids) + answer.options.max_new_tokens for answer in answers) + ROOM
+        # Each row at its limit, up to ROOM columns of padding before it (`leave`) and the buffer's ROOM after.
+        longest = max(len(answer.input_ids) + answer.options.max_new_tokens for answer in answers) + 2 * ROOM
         return len(answers) * longest * self.position_bytes <= self.kv_bytes
 
     @torch.no_grad()
@@ -91,7 +123,12 @@ class TorchRows:
         return logits
 
     def enter(self, answer: Answer, running: list[Answer]) -> None:
-        self._place([*running, answer], [*self._rows(running), _layers(self.started.pop(answer))])
+        layers = _layers(self.started.pop(answer))
+        if self.cache is not None and self.cache.layers[0].spare() and answer.positions <= self.cache.get_seq_length():
+            for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+                layer.put(keys[0], values[0])
+        else:
+            self._place([*running, answer], [*self._rows(running), layers])
 
     @torch.no_grad()
     def step(self, running: list[Answer]) -> torch.Tensor:
@@ -115,8 +152,15 @@ class TorchRows:
         for answer in complete:
             self._keep(answer, caches[running.index(answer)])
         kept = [row for row, answer in enumerate(running) if answer not in complete]
-        caches = [caches[row] for row in kept]  # the views of the rows that left go: `_place` frees as it goes
-        self._place([running[row] for row in kept], caches)
+        longest = max((running[row].positions for row in kept), default=0)
+        if not kept or longest + ROOM < self.cache.get_seq_length():  # padding to drop: laid out anew
+            caches = [caches[row] for row in kept]  # the views of the rows that left go: `_place` frees as it goes
+            return self._place([running[row] for row in kept], caches)
+        for layer in self.cache.layers:
+            for target, source in enumerate(kept):
+                if source != target:
+                    layer.move(source, target)
+            layer.drop(len(kept))
 
     def set_aside(self, answer: Answer, keep: bool) -> None:
         cache = self.started.pop(answer, None)
@@ -154,7 +198,9 @@ class TorchRows:
         for index in range(len(rows[0])):
             padded = [[_pad_left(tensor[0], columns) for tensor in row[index]] for row in rows]
             layer = GrowingLayer()
-            layer.set(torch.stack([keys for keys, _ in padded]), torch.stack([values for _, values in padded]))
+            keys, values = torch.stack([keys for keys, _ in padded]), torch.stack([values for _, values in padded])
+            layer.set(keys, values, capacity=self._capacity(len(answers), columns))
+            del keys, values
             layers.append(layer)
             del padded
             for row in rows:
@@ -162,6 +208,11 @@ class TorchRows:
             if old is not None:
                 old.layers[index] = None
         self.cache = Cache(layers=layers)
+
+    def _capacity(self, rows: int, columns: int) -> int:
+        """Buffer rows for a batch of `rows` now: up to `slots`, while that many at `columns` fit in `kv_bytes`."""
+        fit = self.kv_bytes / ((columns + ROOM) * self.position_bytes)
+        return int(max(rows, min(self.slots, fit)))
 
     def _keep(self, answer: Answer, kv: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache) -> None:
         """`answer`'s KV cache (prompt and answer, the last token not fed) kept for a follow-up."""
@@ -212,7 +263,7 @@ class TorchBackend:
         model.language_model.set_attn_implementation(ROW_BY_ROW)  # an answer is the same whoever else asks
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
-        self.batcher = Batcher(TorchRows(self.model, self.prefixes, kv_bytes[0]), slots, model.eos_token_id)
+        self.batcher = Batcher(TorchRows(self.model, self.prefixes, kv_bytes[0], slots), slots, model.eos_token_id)
         self.slots = slots
         self.image_size = model.vision_tower.image_size
         self.max_positions = model.max_positions
