@@ -43,20 +43,23 @@ class GrowingLayer(DynamicLayer):
 
     def set(self, keys: torch.Tensor, values: torch.Tensor, capacity: int = 0) -> None:
         """Hold `keys`/`values` (batch, heads, positions, width) with room after them, in a buffer of at least
-        `capacity` rows (rows beyond the batch are not written until a row joins into them)."""
-        self.rows = keys.shape[0]
-        shape = (max(self.rows, capacity), keys.shape[1], keys.shape[2] + ROOM, keys.shape[3])
+        `capacity` rows. A row's room is written (zeros) when the row is, so that a step's write of its position
+        does not fault in fresh pages (that made the write several times slower); rows to spare stay untouched."""
+        self.rows, length = keys.shape[0], keys.shape[2]
+        shape = (max(self.rows, capacity), keys.shape[1], length + ROOM, keys.shape[3])
         self.buffers = (keys.new_empty(shape), values.new_empty(shape))
-        self.buffers[0][: self.rows, :, : keys.shape[2]] = keys
-        self.buffers[1][: self.rows, :, : keys.shape[2]] = values
-        self._view(keys.shape[2])
+        for buffer, tensor in zip(self.buffers, (keys, values), strict=True):
+            buffer[: self.rows, :, :length] = tensor
+            buffer[: self.rows, :, length:] = 0
+        self._view(length)
 
     def put(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """A new last row: `keys`/`values` (heads, positions, width) ending at the last column, zeros before."""
+        """A new last row: `keys`/`values` (heads, positions, width) ending at the last column, zeros around."""
         first = self.length - keys.shape[1]
         for buffer, tensor in zip(self.buffers, (keys, values), strict=True):
             buffer[self.rows, :, :first] = 0
             buffer[self.rows, :, first : self.length] = tensor
+            buffer[self.rows, :, self.length :] = 0
         self.rows += 1
         self._view(self.length)
 
