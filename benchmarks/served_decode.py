@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,47 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.backends.llamacpp import load_llamacpp
 from inference.backends.pytorch import TorchBackend, load_torch
-from inference.config import GenerationOptions
 from inference.int8_files import load_int8
-from inference.measuring import AVX2_KERNELS, RESULTS, TokenClock, bandwidth_gb_s, cpu_description, write_section
+from inference.measuring import (
+    AVX2_KERNELS,
+    RESULTS,
+    bandwidth_gb_s,
+    cpu_description,
+    decode_rate,
+    served_prompts,
+    write_section,
+)
 from inference.precision import Precision
-from inference.prompt import Conversation, Turn, render
 from inference.serving_cache import int8_location
-
-QUESTIONS = ("What is in this picture?", "Describe the scene in detail.", "What colour is the largest object?")
-
-
-def prompts(loaded, rows: int) -> list[tuple[list[int], torch.Tensor]]:
-    """`rows` served prompts, each with its own question and random image."""
-    model, manifest, size = loaded.backend.model, loaded.manifest, loaded.backend.image_size
-    asked = []
-    for row in range(rows):
-        conversation = Conversation((Turn(f"{QUESTIONS[row % len(QUESTIONS)]} (visitor {row})"),))
-        ids = render(manifest.template, conversation, loaded.tokenizer, True, image_tokens=manifest.image_tokens)
-        generator = torch.Generator().manual_seed(row)
-        asked.append((ids.input_ids, model.encode_images(torch.rand(1, 3, size, size, generator=generator))))
-    return asked
-
-
-def decode(backend, asked, tokens: int) -> tuple[float, list[list[int]]]:
-    """Tokens/s while every row decodes, and the answers; all rows are asked at once on their own threads."""
-    clocks, answers = [TokenClock() for _ in asked], [None] * len(asked)
-
-    def ask(row: int) -> None:
-        ids, embeds = asked[row]
-        options = GenerationOptions(max_new_tokens=tokens)
-        answers[row] = backend.generate(ids, embeds, options, streamer=clocks[row], image_key=f"image {row}")
-
-    threads = [threading.Thread(target=ask, args=(row,)) for row in range(len(asked))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    start, end = max(clock.times[0] for clock in clocks), min(clock.times[-1] for clock in clocks)
-    arrived = sum(start < moment <= end for clock in clocks for moment in clock.times)
-    if end <= start or arrived == 0:
-        raise RuntimeError("no window in which every row was decoding: ask for more --tokens")
-    return arrived / (end - start), answers
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -102,8 +72,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         loaded = load_torch(args.weights, Precision.INT8, cache / "int8")
         model = loaded.backend.model
         saved = int8_location(args.weights, loaded.manifest, cache / "int8")
-        language_models = {"one product (served)": model.language_model, "apart": load_int8(saved, False)}
-        backends = {name: lambda: TorchBackend(model, Precision.INT8) for name in language_models}
+        apart = loaded.backend.call(lambda: load_int8(saved, False))
+        language_models = {"one product (served)": model.language_model, "apart": apart}
+        # Every computation on the one thread that loaded the model, as served (`inference.batching`).
+        batcher = loaded.backend.batcher
+        backends = {name: lambda: TorchBackend(model, Precision.INT8, batcher=batcher) for name in language_models}
         if args.llama_cpp or args.demo:
             llama = load_llamacpp(args.weights, args.gguf, args.threads, cache / "gguf").backend
             backends[llama.describe()] = lambda: llama  # one context: its sequences keep what they computed
@@ -112,10 +85,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         answers: dict[tuple[str, int], list] = {}
         for _ in range(args.rounds):
             for rows in (1, 8):
-                asked = prompts(loaded, rows)
+                asked = served_prompts(loaded, rows)
                 for name, backend in backends.items():
                     model.language_model = language_models.get(name, model.language_model)
-                    speed, answers[name, rows] = decode(backend(), asked, args.tokens)
+                    speed, answers[name, rows] = decode_rate(backend(), asked, args.tokens)
                     speeds.setdefault((name, rows), []).append(speed)
     served_name = next(iter(language_models))
     same = all(answers[name, rows] == answers[served_name, rows] for name in language_models for rows in (1, 8))

@@ -94,7 +94,9 @@ class Assistant:
             weights, whisper_path = build_demo_weights(folder)
             whisper_model, cache = str(whisper_path), folder / "cache"
         loaded = load_backend(choose_weights(weights), backend, precision, gguf, threads, cache, slots)
-        transcriber = Transcriber(whisper_model) if whisper_model is not None else None
+        transcriber = None
+        if whisper_model is not None:  # loaded, and later run, where the backend computes (`inference.batching`)
+            transcriber = loaded.backend.call(lambda: Transcriber(whisper_model, run=loaded.backend.call))
         assistant = cls(loaded.backend, loaded.tokenizer, loaded.manifest, transcriber)
         assistant.warm()
         return assistant
@@ -106,8 +108,7 @@ class Assistant:
         if prefix:
             self.backend.prepare(prefix)
         blank = Image.new("RGB", (self.backend.image_size, self.backend.image_size))
-        with torch.no_grad():
-            self.backend.encode_images(pixel_values([blank], self.backend.image_size))
+        self.backend.encode_images(pixel_values([blank], self.backend.image_size))
 
     def look(self, image: Image.Image | str | Path) -> None:
         """Read `image` before its first question comes (the app calls this when it is uploaded): its
@@ -208,8 +209,7 @@ class Assistant:
             if key in self._image_cache:
                 self._image_cache.move_to_end(key)
                 return key, self._image_cache[key]
-        with torch.no_grad():
-            embeds = self.backend.encode_images(pixel_values([image], self.backend.image_size))
+        embeds = self.backend.encode_images(pixel_values([image], self.backend.image_size))
         with self._lock:
             self._image_cache[key] = embeds
             while len(self._image_cache) > IMAGE_CACHE_SIZE:

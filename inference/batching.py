@@ -11,6 +11,13 @@ otherwise it waits for rows to leave. Tokens are chosen here, as transformers' g
 What the batch's KV caches are and how a step computes is the model's side, `Rows`:
 `inference.backends.pytorch.TorchRows` for PyTorch, `inference.backends.llamacpp.LlamaCppRows` for llama.cpp.
 Each row computes what it would alone (tests/test_batching.py holds greedy answers equal).
+
+The batcher's thread is its backend's one computing thread: the loaders run the model's loading there
+(`call`), and images and speech go there too. torch's OpenMP runtime (libgomp) keeps a pool of workers for
+every thread that has run a parallel operation, and once the process has more of them than CPUs it stops
+letting idle workers spin: each of the thousands of parallel operations of a decode step then waits for a
+sleeping worker to be woken: a decode step on a second thread, after the model was loaded on the first, is
+much slower (`benchmarks/computing_thread.py` measures it).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from inference.config import GenerationOptions
 from inference.model import next_token
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -57,11 +66,13 @@ class Answer:
 
 @dataclass(eq=False)
 class Job:
-    """Other work on the model (computing a prefix ahead), run between two decode steps."""
+    """Other work on the batcher's thread (loading the model, computing a prefix ahead, encoding an image,
+    transcribing speech), run between two decode steps."""
 
-    run: Callable[[], None]
+    run: Callable[[], object]
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    result: object = None
 
 
 class Rows(Protocol):
@@ -92,9 +103,10 @@ class Rows(Protocol):
 
 
 class Batcher:
-    """Decodes up to `slots` answers together on one thread; `generate` is called from any number of threads."""
+    """Decodes up to `slots` answers together on one thread; `generate` and `call` are called from any number of
+    threads. `rows` may be given after the model is loaded (by a `call`), before the first `generate`."""
 
-    def __init__(self, rows: Rows, slots: int = 8, eos_token_id: int | None = None):
+    def __init__(self, rows: Rows | None = None, slots: int = 8, eos_token_id: int | None = None):
         self.rows, self.slots, self.eos_token_id = rows, slots, eos_token_id
         self.waiting: deque[Answer | Job] = deque()
         self.running: list[Answer] = []
@@ -119,9 +131,13 @@ class Batcher:
         self._wait(answer)
         return answer.tokens
 
-    def call(self, run: Callable[[], None]) -> None:
-        """Run `run` on the batching thread between two steps (so no two computations compete for the cores)."""
-        self._wait(Job(run))
+    def call(self, run: Callable[[], T]) -> T:
+        """`run()` on the batching thread between two steps (so no two computations compete for the cores)."""
+        if self.thread is threading.current_thread():  # called from a job: already there
+            return run()
+        job = Job(run)
+        self._wait(job)
+        return job.result
 
     def _wait(self, item: Answer | Job) -> None:
         with self.condition:
@@ -144,7 +160,7 @@ class Batcher:
                 item = self.waiting.popleft() if ready else None
             if isinstance(item, Job):
                 try:
-                    item.run()
+                    item.result = item.run()
                 except BaseException as error:
                     item.error = error
                 item.done.set()

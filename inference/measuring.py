@@ -1,5 +1,5 @@
 """What every measurement carries: the CPU it ran on, and the results file it is written to; and the clocks
-the benchmarks share.
+and served prompts the benchmarks share.
 
 Results on a CPU depend on its class: torch (ATen), MKL, oneDNN and fbgemm (the int8 kernels that serve the
 language model) each pick their kernels from the instruction sets they find, and different kernels round
@@ -11,6 +11,7 @@ most, and fbgemm's, which set int8 serving's speed, unchanged.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +91,47 @@ class TokenClock:
 
     def end(self) -> None:
         pass
+
+
+QUESTIONS = ("What is in this picture?", "Describe the scene in detail.", "What colour is the largest object?")
+
+
+def served_prompts(loaded, rows: int) -> list[tuple[list[int], object]]:
+    """`rows` served prompts for a `LoadedBackend`, each with its own question and random image (encoded where the
+    backend computes)."""
+    import torch
+
+    from inference.prompt import Conversation, Turn, render
+
+    manifest, size = loaded.manifest, loaded.backend.image_size
+    asked = []
+    for row in range(rows):
+        conversation = Conversation((Turn(f"{QUESTIONS[row % len(QUESTIONS)]} (visitor {row})"),))
+        ids = render(manifest.template, conversation, loaded.tokenizer, True, image_tokens=manifest.image_tokens)
+        pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(row))
+        asked.append((ids.input_ids, loaded.backend.encode_images(pixels)))
+    return asked
+
+
+def decode_rate(backend, asked, tokens: int) -> tuple[float, list[list[int]]]:
+    """Tokens/s while every row decodes, and the answers; all rows are asked at once on their own threads. The
+    window is from the moment the last row has its first token to the moment the first row has its last."""
+    from inference.config import GenerationOptions
+
+    clocks, answers = [TokenClock() for _ in asked], [None] * len(asked)
+
+    def ask(row: int) -> None:
+        ids, embeds = asked[row]
+        options = GenerationOptions(max_new_tokens=tokens)
+        answers[row] = backend.generate(ids, embeds, options, streamer=clocks[row], image_key=f"image {row}")
+
+    threads = [threading.Thread(target=ask, args=(row,)) for row in range(len(asked))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    start, end = max(clock.times[0] for clock in clocks), min(clock.times[-1] for clock in clocks)
+    arrived = sum(start < moment <= end for clock in clocks for moment in clock.times)
+    if end <= start or arrived == 0:
+        raise RuntimeError("no window in which every row was decoding: ask for more tokens")
+    return arrived / (end - start), answers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,11 @@ class Transcriber:
         language: str | None = "en",
         max_seconds: float = WINDOW_SECONDS,
         device: str = "cpu",
+        run: Callable[[Callable[[], str]], str] | None = None,
     ) -> None:
-        """`model`: a whisper size name (tiny.en, base.en, small, ...) or a path to a whisper `.pt`."""
+        """`model`: a whisper size name (tiny.en, base.en, small, ...) or a path to a whisper `.pt`. `run`: how the
+        model's computation is run (the app: `ServingBackend.call`, on the thread that computes every answer);
+        the audio is read on the caller's thread."""
         if not 0 < max_seconds <= WINDOW_SECONDS:
             raise ValueError(f"max_seconds must be in (0, {WINDOW_SECONDS}], got {max_seconds}")
         self.model = whisper.load_model(str(model), device=device)
@@ -57,6 +61,7 @@ class Transcriber:
             raise ValueError(f"whisper model {model!r} is English-only; it cannot transcribe {language!r}")
         self.language = language
         self.max_seconds = max_seconds
+        self.run = run or (lambda decode: decode())
 
     def __call__(self, audio: AudioInput) -> Transcript:
         samples, seconds = load_audio(audio, self.max_seconds)
@@ -67,7 +72,7 @@ class Transcriber:
             notice = f"Only the first {self.max_seconds:g} s of the {seconds:.0f} s recording were used."
         if np.abs(samples).max() < SILENCE_PEAK:
             raise AudioError("the recording is silent; check the microphone and try again")
-        text = self._decode(samples)
+        text = self.run(lambda: self._decode(samples))
         if not text:
             raise AudioError("no speech was recognised in the recording")
         return Transcript(text, min(seconds, self.max_seconds), notice)

@@ -123,10 +123,11 @@ def pixel_values(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     if any(image.mode != "RGB" for image in images):
         raise ImageError("pixel_values takes RGB images; convert with to_rgb (or call preprocess)")
     batch = np.stack([_resize_and_crop(image, size) for image in images])
-    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    # In numpy: a visitor's thread runs this, and no torch operation there (`inference.batching`).
+    pixels = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(CLIP_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(CLIP_STD, np.float32).reshape(1, 3, 1, 1)
+    return torch.from_numpy(np.ascontiguousarray((pixels - mean) / std))
 
 
 def _resize_and_crop(image: Image.Image, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from inference.backends.pytorch import TorchBackend
 from inference.config import TemplateName
 from inference.model import PrefixCache
 from inference.prompt import Conversation, Turn, render
-from tests.kit import make_shape_image, pixels, prompt_ids
+from tests.kit import REPO, make_shape_image, pixels, prompt_ids
 
 SHORT = GenerationOptions(max_new_tokens=8)
 
@@ -276,3 +276,61 @@ def test_a_conversation_takes_no_deprecated_transformers_path(loaded):
     ]
     assert not future
     assert not [message for message in messages if "deprecat" in message.lower()]
+
+
+ONE_COMPUTING_THREAD = """
+import os, sys, threading
+from pathlib import Path
+import torch
+from inference import Assistant
+
+def pool_threads():  # OS threads that are not Python's, beyond those at the start: torch's OpenMP workers
+    python = {thread.native_id for thread in threading.enumerate()}
+    return len([task for task in os.listdir("/proc/self/task") if int(task) not in python]) - before
+
+torch.set_num_threads(2)  # and its other pool (pthreadpool's), made now
+before = 0
+before = pool_threads()
+weights, whisper, cache, image, audio = sys.argv[1:]
+assistant = Assistant.load(weights, whisper_model=whisper, cache=Path(cache), threads=2)
+counts = [pool_threads()]
+
+def visitor(work):  # as gradio runs a question: on a thread of its own, still alive when counted
+    done, leave = threading.Event(), threading.Event()
+    def run():
+        work()
+        done.set()
+        leave.wait()
+    thread = threading.Thread(target=run)
+    thread.start()
+    done.wait()
+    counts.append(pool_threads())
+    leave.set()
+    thread.join()
+
+visitor(lambda: [reply for reply in assistant.chat([], image, "What is it?", audio)])
+visitor(lambda: torch.ones(1 << 20).mul(2))  # the control: a thread's own parallel operation starts a pool
+print(*counts)
+"""
+
+
+def test_all_torch_work_of_serving_runs_on_the_batchers_thread(weights_dir, whisper_path, speech_wav, tmp_path):
+    """Loading, the image, the speech and the answer all on the one thread that computes answers: a pool of torch
+    workers for any other thread (a visitor's) slows every decode step (`inference.batching`). In a fresh process,
+    as the app runs; the control shows a visitor's own torch work would be seen."""
+    import os
+    import subprocess
+    import sys
+
+    image = tmp_path / "red.png"
+    make_shape_image("red").save(image)
+    command = [sys.executable, "-c", ONE_COMPUTING_THREAD, str(weights_dir), str(whisper_path), str(tmp_path / "cache")]
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the tokenizers' own pool (not OpenMP) stays out
+    result = subprocess.run(
+        [*command, str(image), str(speech_wav)], capture_output=True, text=True, cwd=REPO, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded, asked, control = map(int, result.stdout.split()[-3:])
+    assert loaded == 1  # the batcher's one worker (2 threads)
+    assert asked == loaded
+    assert control == loaded + 1

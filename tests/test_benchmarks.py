@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import cpu_inference, int4_fidelity, int8_decode, load, served_decode
+from benchmarks import computing_thread, cpu_inference, int4_fidelity, int8_decode, load, served_decode
 from inference.measuring import write_section
 
 
@@ -97,6 +97,20 @@ def test_served_decode_benchmark_runs_every_arrangement_through_the_batcher(tmp_
     assert "greedy answers equal in both int8 arrangements: yes" in text
     rows = r"^\| (one product \(served\)|apart|llama.cpp Q8_0) \| [18] \|"
     assert len(re.findall(rows, text, flags=re.M)) == 6
+
+
+def test_computing_thread_benchmark_decodes_in_both_layouts_in_fresh_processes(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    table = computing_thread.main(["--demo", "--tokens", "12", "--rounds", "1", "--results", str(results_file)])
+    layouts = (computing_thread.SERVED, computing_thread.BEFORE)
+    assert sorted((row["layout"], row["rows"]) for row in table) == sorted(
+        (layout, rows) for layout in layouts for rows in (1, 8)
+    )
+    assert all(row["tok_s"] > 0 for row in table)
+    text = results_file.read_text()
+    assert text.count("### One computing thread (computing_thread.py") == 1
+    assert "greedy answers equal in both layouts: yes" in text
+    assert len(re.findall(r"^\| loaded .* \| [18] \| [0-9.]+ \| [0-9.]+× \|$", text, flags=re.M)) == 4
 
 
 def test_int4_fidelity_codes_err_as_theory_says_and_bound_the_bits():

@@ -13,11 +13,11 @@ into text, and never asks which backend it has. Each backend keeps what makes fo
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +26,7 @@ from inference.config import GenerationOptions, Manifest
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.serving_cache import SERVING_CACHE
 
+T = TypeVar("T")
 SLOTS = 8  # answers a backend decodes together; more wait in the app's queue
 
 
@@ -41,6 +42,10 @@ class ServingBackend(Protocol):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, size, size) pixels → (images, image positions, width) embeddings for `generate`."""
+
+    def call(self, run: Callable[[], T]) -> T:
+        """`run()` on the thread that computes every answer, between two decode steps, and its result: the
+        process's other torch work (speech) goes there, so that one thread computes (`inference.batching`)."""
 
     def generate(
         self,

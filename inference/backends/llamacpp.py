@@ -14,7 +14,7 @@ import importlib.util
 import itertools
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from inference.backends import SLOTS, LoadedBackend
-from inference.batching import Answer, Batcher
+from inference.batching import Answer, Batcher, T
 from inference.cli import UsageError
 from inference.config import GenerationOptions, Manifest, ManifestError
 from inference.gguf_files import export
@@ -268,14 +268,22 @@ class LlamaCppBackend:
     event, `max_new_tokens`) and transformers' own logits processors for the repetition penalty, temperature
     and top-p. A follow-up question finds its conversation's KV cache in the sequence that answered it."""
 
-    def __init__(self, vision: MultimodalPhi, language_model: Path, threads: int, slots: int = SLOTS) -> None:
+    def __init__(
+        self,
+        vision: MultimodalPhi,
+        language_model: Path,
+        threads: int,
+        slots: int = SLOTS,
+        batcher: Batcher | None = None,
+    ) -> None:
         self.vision = vision.eval()  # the vision tower and projector; its language model is a shapes-only skeleton
         self.image_size = vision.vision_tower.image_size
         self.max_positions = vision.language_model.config.max_position_embeddings
         self.file = language_model
         self.llm = LlamaCpp(language_model, threads, context=self.max_positions, sequences=slots)
         self.rows = LlamaCppRows(self.llm, slots)
-        self.batcher = Batcher(self.rows, slots, vision.eos_token_id)
+        self.batcher = batcher or Batcher(slots=slots)  # the one that loaded `vision`, when given (`load_llamacpp`)
+        self.batcher.rows, self.batcher.slots, self.batcher.eos_token_id = self.rows, slots, vision.eos_token_id
         self.slots = slots
 
     def describe(self) -> str:
@@ -287,7 +295,10 @@ class LlamaCppBackend:
         self.batcher.call(lambda: self.rows.prepare(list(prefix_ids), rows, key))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision.encode_images(pixel_values).float()
+        return self.batcher.call(torch.no_grad()(lambda: self.vision.encode_images(pixel_values).float()))
+
+    def call(self, run: Callable[[], T]) -> T:
+        return self.batcher.call(run)
 
     def generate(
         self,
@@ -319,14 +330,15 @@ def load_llamacpp(
         )
     folder = resolve_weights(weights)
     manifest = Manifest.load(folder)
-    path = _gguf_file(resolve_weights(gguf)) if gguf else _exported(folder, manifest, cache)
+    batcher = Batcher(slots=slots)  # its thread exports, loads the vision tower and computes everything after
+    path = _gguf_file(resolve_weights(gguf)) if gguf else batcher.call(lambda: _exported(folder, manifest, cache))
 
     def skeleton(reference: str) -> PreTrainedModel:  # shapes only: llama.cpp holds the weights
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(reference))
 
-    vision, tokenizer = build_model(manifest, folder, skeleton)
-    return LoadedBackend(LlamaCppBackend(vision, path, threads, slots), tokenizer, manifest)
+    vision, tokenizer = batcher.call(lambda: build_model(manifest, folder, skeleton))
+    return LoadedBackend(LlamaCppBackend(vision, path, threads, slots, batcher), tokenizer, manifest)
 
 
 def _gguf_file(folder: Path) -> Path:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from inference.backends import SLOTS, LoadedBackend
-from inference.batching import Answer, Batcher
+from inference.batching import Answer, Batcher, T
 from inference.config import GenerationOptions, Manifest
 from inference.hub import resolve_weights
 from inference.loading import load_weights
@@ -261,12 +261,15 @@ class TorchBackend:
         precision: Precision | None = None,
         slots: int = SLOTS,
         kv_bytes: tuple[float, float] = (RUNNING_KV_BYTES, KEPT_KV_BYTES),
+        batcher: Batcher | None = None,
     ) -> None:
         self.model = model.eval()
         model.language_model.set_attn_implementation(ROW_BY_ROW)  # an answer is the same whoever else asks
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
-        self.batcher = Batcher(TorchRows(self.model, self.prefixes, kv_bytes[0], slots), slots, model.eos_token_id)
+        self.batcher = batcher or Batcher(slots=slots)  # the one that loaded `model`, when given (`load_torch`)
+        self.batcher.rows = TorchRows(self.model, self.prefixes, kv_bytes[0], slots)
+        self.batcher.slots, self.batcher.eos_token_id = slots, model.eos_token_id
         self.slots = slots
         self.image_size = model.vision_tower.image_size
         self.max_positions = model.max_positions
@@ -287,7 +290,10 @@ class TorchBackend:
             self.prefixes.put(prefix_ids, image_key, self.model.prefill(prefix_ids, image_embeds, past)[0])
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values)
+        return self.batcher.call(torch.no_grad()(lambda: self.model.encode_images(pixel_values)))
+
+    def call(self, run: Callable[[], T]) -> T:
+        return self.batcher.call(run)
 
     def generate(
         self,
@@ -307,6 +313,7 @@ def load_torch(
     """A weights folder in PyTorch in `precision`; int8 is quantized once and kept (`int8_location`)."""
     folder = resolve_weights(weights)
     int8_path = int8_location(folder, Manifest.load(folder), int8_cache) if precision is Precision.INT8 else None
-    loaded = load_weights(folder, precision=precision, int8_path=int8_path)
-    backend = TorchBackend(loaded.model, precision, slots or SLOTS)
+    batcher = Batcher(slots=slots or SLOTS)  # its thread loads the model and computes everything after
+    loaded = batcher.call(lambda: load_weights(folder, precision=precision, int8_path=int8_path))
+    backend = TorchBackend(loaded.model, precision, slots or SLOTS, batcher=batcher)
     return LoadedBackend(backend, loaded.tokenizer, loaded.manifest)
