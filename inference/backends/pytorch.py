@@ -252,8 +252,8 @@ def _dynamic(layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> Dynamic
 
 class TorchBackend:
     """`inference.backends.ServingBackend` over a `MultimodalPhi`: up to `slots` answers decoded together, every
-    computation of the language model on the batcher's thread (an image's encoding, small beside it, on its
-    visitor's); follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
+    computation on the batcher's thread (the model's loading when `load_torch` loads it, images, speech through
+    `call`); follow-up turns reuse the KV cache of earlier ones (`PrefixCache`)."""
 
     def __init__(
         self,
