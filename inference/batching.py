@@ -16,7 +16,7 @@ The batcher's thread is its backend's one computing thread: the loaders run the 
 (`call`), and images and speech go there too. torch's OpenMP runtime (libgomp) keeps a pool of workers for
 every thread that has run a parallel operation, and once the process has more of them than CPUs it stops
 letting idle workers spin: each of the thousands of parallel operations of a decode step then waits for a
-sleeping worker to be woken: a decode step on a second thread, after the model was loaded on the first, is
+sleeping worker to be woken. A decode step on a second thread, after the model was loaded on the first, is
 much slower (`benchmarks/computing_thread.py` measures it).
 """
 
