@@ -17,16 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from inference.batching import T
 from inference.config import GenerationOptions, Manifest
 from inference.precision import DEFAULT_PRECISION, Precision
 from inference.serving_cache import SERVING_CACHE
 
-T = TypeVar("T")
 SLOTS = 8  # answers a backend decodes together; more wait in the app's queue
 
 
