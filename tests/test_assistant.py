@@ -284,13 +284,16 @@ from pathlib import Path
 import torch
 from inference import Assistant
 
-def pool_threads():  # OS threads that are not Python's, beyond those at the start: torch's OpenMP workers
+def native_threads():  # OS threads that are not Python's
     python = {thread.native_id for thread in threading.enumerate()}
-    return len([task for task in os.listdir("/proc/self/task") if int(task) not in python]) - before
+    return len([task for task in os.listdir("/proc/self/task") if int(task) not in python])
 
 torch.set_num_threads(2)  # and its other pool (pthreadpool's), made now
-before = 0
-before = pool_threads()
+before = native_threads()
+
+def pool_threads():  # native threads beyond those at the start: torch's OpenMP workers
+    return native_threads() - before
+
 weights, whisper, cache, image, audio = sys.argv[1:]
 assistant = Assistant.load(weights, whisper_model=whisper, cache=Path(cache), threads=2)
 counts = [pool_threads()]
