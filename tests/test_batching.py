@@ -162,13 +162,13 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
         place(self, answers, rows)
         made.clear()
 
-    def watched_set(self, keys, values, capacity=0):
+    def watched_set(self, keys, values, **sizes):
         if made and old:
             done = made[0]
             held = [ref() is not None for ref in old]
             seen.append((sum(held[:done]), sum(held[done:])))
             made[0] += 1
-        set_layer(self, keys, values, capacity)
+        set_layer(self, keys, values, **sizes)
 
     monkeypatch.setattr(TorchRows, "_place", watched_place)
     monkeypatch.setattr(GrowingLayer, "set", watched_set)
@@ -179,6 +179,28 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
     assert len(seen) >= layers  # a join or a leave laid out anew with a batch before it, at least
     assert all(earlier == 0 for earlier, _ in seen)  # each old layer went once its new one was made
     assert all(later == layers - index % layers for index, (_, later) in enumerate(seen))  # and not before
+
+
+def test_the_batch_kv_buffers_never_grow_while_its_answers_decode(loaded, monkeypatch):
+    """The batch is laid out with room for every answer to end, so a step never copies it into a larger buffer
+    (at phi-2's size that took seconds), even when the answers are longer than `ROOM`."""
+    monkeypatch.setattr(pytorch, "ROOM", 2)
+    grown, update = [], GrowingLayer.update
+
+    def watched(self, *args, **kwargs):
+        buffers = self.buffers
+        output = update(self, *args, **kwargs)
+        grown.append(self.buffers is not buffers)
+        return output
+
+    monkeypatch.setattr(GrowingLayer, "update", watched)
+    model = loaded.model
+    backend = TorchBackend(model)
+    requests = four_requests(loaded)  # each answer longer than ROOM; the longest join last
+    assert min(options.max_new_tokens for _, _, options in requests) > 2 * 2
+    together = ask_together(backend, requests, held(backend))
+    assert together == [model.generate(ids, embeds, options) for ids, embeds, options in requests]
+    assert grown and not any(grown)
 
 
 @pytest.mark.parametrize("room", [ROOM, 2])

@@ -27,7 +27,7 @@ RUNNING_KV_BYTES = 5 << 30
 KEPT_KV_BYTES = 3 << 30
 
 
-ROOM = 64  # positions a KV buffer grows by beyond what it needs, so most steps write in place
+ROOM = 64  # positions a KV buffer has beyond what its rows will need, so that questions joining later fit too
 
 
 class GrowingLayer(DynamicLayer):
@@ -41,12 +41,13 @@ class GrowingLayer(DynamicLayer):
         self.length = 0
         self.rows = 0
 
-    def set(self, keys: torch.Tensor, values: torch.Tensor, capacity: int = 0) -> None:
-        """Hold `keys`/`values` (batch, heads, positions, width) with room after them, in a buffer of at least
-        `capacity` rows. A row's room is written (zeros) when the row is, so that a step's write of its position
-        does not fault in fresh pages (that made the write several times slower); rows to spare stay untouched."""
+    def set(self, keys: torch.Tensor, values: torch.Tensor, capacity: int = 0, room: int = ROOM) -> None:
+        """Hold `keys`/`values` (batch, heads, positions, width) with `room` positions after them, in a buffer of at
+        least `capacity` rows. A row's room is written (zeros) when the row is, so that a step's write of its
+        position does not fault in fresh pages (that made the write several times slower); rows to spare stay
+        untouched."""
         self.rows, length = keys.shape[0], keys.shape[2]
-        shape = (max(self.rows, capacity), keys.shape[1], length + ROOM, keys.shape[3])
+        shape = (max(self.rows, capacity), keys.shape[1], length + room, keys.shape[3])
         self.buffers = (keys.new_empty(shape), values.new_empty(shape))
         for buffer, tensor in zip(self.buffers, (keys, values), strict=True):
             buffer[: self.rows, :, :length] = tensor
@@ -74,6 +75,9 @@ class GrowingLayer(DynamicLayer):
 
     def spare(self) -> int:
         return self.buffers[0].shape[0] - self.rows
+
+    def room(self) -> int:
+        return self.buffers[0].shape[2] - self.length
 
     def _view(self, length: int) -> None:
         self.length = length
@@ -103,10 +107,10 @@ class TorchRows:
     A prompt is computed alone from the longest cached prefix (`PrefixCache`); an answer's KV goes back there.
     The batch's KV is rows × its longest row: `fits` holds it, every row at its length limit, within `kv_bytes`.
 
-    A question joins in place when its prompt is no longer than the batch's rows (a buffer row to spare, room
-    before the last column), an answer leaves by moving up the rows after it: only the rows that move are
+    A question joins in place (`_fits_in_place`: a buffer row to spare, its prompt no longer than the batch's rows,
+    room for the answers after them), an answer leaves by moving up the rows after it: only the rows that move are
     copied. Otherwise, or once every row has more than `ROOM` columns of padding, the batch is laid out anew,
-    its buffers with rows for `slots` answers (written only when used)."""
+    its buffers with rows for `slots` answers (written only when used) and positions for every answer to end."""
 
     def __init__(self, model: MultimodalPhi, prefixes: PrefixCache, kv_bytes: float = float("inf"), slots: int = SLOTS):
         self.model, self.prefixes, self.kv_bytes, self.slots = model, prefixes, kv_bytes, slots
@@ -127,11 +131,24 @@ class TorchRows:
 
     def enter(self, answer: Answer, running: list[Answer]) -> None:
         layers = _layers(self.started.pop(answer))
-        if self.cache is not None and self.cache.layers[0].spare() and answer.positions <= self.cache.get_seq_length():
+        if self._fits_in_place(answer, running):
             for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
                 layer.put(keys[0], values[0])
         else:
             self._place([*running, answer], [*self._rows(running), layers])
+
+    def _fits_in_place(self, answer: Answer, running: list[Answer]) -> bool:
+        """Whether `answer` may join into a spare buffer row: its prompt fits before the last column, and the room
+        after it is what a new layout would give the batch's answers to end in (less the ROOM for later questions)."""
+        if self.cache is None:
+            return False
+        layer = self.cache.layers[0]
+        columns = layer.length
+        return (
+            bool(layer.spare())
+            and answer.positions <= columns
+            and layer.room() >= self._room([*running, answer], columns) - ROOM
+        )
 
     @torch.no_grad()
     def step(self, running: list[Answer]) -> torch.Tensor:
@@ -197,12 +214,13 @@ class TorchRows:
         if not answers:
             return
         columns = max(answer.positions for answer in answers)
+        room = self._room(answers, columns)
         layers = []
         for index in range(len(rows[0])):
             padded = [[_pad_left(tensor[0], columns) for tensor in row[index]] for row in rows]
             layer = GrowingLayer()
             keys, values = torch.stack([keys for keys, _ in padded]), torch.stack([values for _, values in padded])
-            layer.set(keys, values, capacity=self._capacity(len(answers), columns))
+            layer.set(keys, values, capacity=self._capacity(len(answers), columns + room), room=room)
             del keys, values
             layers.append(layer)
             del padded
@@ -212,10 +230,19 @@ class TorchRows:
                 old.layers[index] = None
         self.cache = Cache(layers=layers)
 
-    def _capacity(self, rows: int, columns: int) -> int:
-        """Buffer rows for a batch of `rows` now: up to `slots`, while that many at `columns` fit in `kv_bytes`."""
-        fit = self.kv_bytes / ((columns + ROOM) * self.position_bytes)
-        return int(max(rows, min(self.slots, fit)))
+    @staticmethod
+    def _room(answers: list[Answer], columns: int) -> int:
+        """Positions after the last column for a batch of `answers`: every answer's remaining tokens and `ROOM` for
+        the questions that join later, so that the buffers need not grow (copying every row's cache: at phi-2's size,
+        the longest pause of a wave). Within what `fits` counts: the longest row at its limit, `ROOM` of padding and
+        `ROOM` after."""
+        remaining = max(answer.options.max_new_tokens - len(answer.tokens) for answer in answers)
+        limit = max(len(answer.input_ids) + answer.options.max_new_tokens for answer in answers) + 2 * ROOM
+        return min(remaining + ROOM, limit - columns)  # columns ≤ limit - 2 · ROOM: at least ROOM
+
+    def _capacity(self, rows: int, length: int) -> int:
+        """Buffer rows for a batch of `rows` now: up to `slots`, while that many of `length` fit in `kv_bytes`."""
+        return int(max(rows, min(self.slots, self.kv_bytes / (length * self.position_bytes))))
 
     def _keep(self, answer: Answer, kv: list[tuple[torch.Tensor, torch.Tensor]] | DynamicCache) -> None:
         """`answer`'s KV cache (prompt and answer, the last token not fed) kept for a follow-up."""
