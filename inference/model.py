@@ -299,22 +299,30 @@ def shared_prefix(a: Sequence[int], a_image: object, b: Sequence[int], b_image: 
 ROW_BY_ROW = "sdpa_row_by_row"  # the attention `MultimodalPhi` serves with (`row_by_row_attention`)
 
 
-def row_by_row_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+def row_by_row_attention(
+    module, query, key, value, attention_mask, row_starts: Sequence[int] | None = None, **kwargs
+) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except that a decode step (one new position per row) computes each row
     alone, over its own positions: the call its row would make with nothing else in the batch. Left padding
     shifts a row's positions in a batched kernel and its masked columns change the kernel's path, so a row's
     attention would differ in the last bits from its own, and a near tie could pick another token: with this,
-    an int8 answer (whose products are exact per row) is the same, bit for bit, whoever else is asking."""
+    an int8 answer (whose products are exact per row) is the same, bit for bit, whoever else is asking.
+
+    `row_starts` (a model's forward passes it on), each row's first column when the rows are left padded: the
+    same for every layer, so its caller reads it once a step instead of every layer reading the mask."""
     if query.shape[2] != 1:  # a prompt: always computed alone (`inference.batching`)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     for row in range(query.shape[0]):
-        mask = None if attention_mask is None else attention_mask[min(row, len(attention_mask) - 1), :, -1:]
-        first = 0 if mask is None else int(mask[0, 0].int().argmax())  # the padding before the row's positions
-        if mask is not None and not mask[..., first:].all():  # not only left padding: the mask as given
-            first, mask = 0, mask[None]
+        if row_starts is not None:
+            first, mask = row_starts[row], None
         else:
-            mask = None
+            mask = None if attention_mask is None else attention_mask[min(row, len(attention_mask) - 1), :, -1:]
+            first = 0 if mask is None else int(mask[0, 0].int().argmax())  # the padding before the row's positions
+            if mask is not None and not mask[..., first:].all():  # not only left padding: the mask as given
+                first, mask = 0, mask[None]
+            else:
+                mask = None
         keys, values = key[row : row + 1, :, first:], value[row : row + 1, :, first:]
         rows.append(sdpa_attention_forward(module, query[row : row + 1], keys, values, mask, **kwargs)[0])
     return torch.cat(rows), None

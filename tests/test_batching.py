@@ -7,6 +7,7 @@ from itertools import pairwise
 
 import pytest
 import torch
+from transformers.activations import ACT2FN
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from inference.backends import pytorch
@@ -271,3 +272,17 @@ def test_row_by_row_attention_is_sdpa_with_each_left_padded_row_computed_alone()
     torch.testing.assert_close(rows, batched)
     alone, _ = sdpa_attention_forward(module, query[1:2], key[1:2, :, 2:], value[1:2, :, 2:], None)
     assert torch.equal(rows[1:2], alone)
+
+
+def test_serving_computes_phis_gelu_in_one_kernel_and_the_same_logits(weights_dir):
+    loaded = load_weights(weights_dir, precision=Precision.FP32)  # as the served int8's activations
+    model, language_model = loaded.model, loaded.model.language_model
+    assert language_model.config.hidden_act == "gelu_new"  # phi's: eight elementwise operations
+    ids, embeds = red_question(loaded)
+    before = model.prefill(ids, embeds)[1]
+    TorchBackend(model)
+    activations = {
+        type(module.activation_fn) for module in language_model.modules() if hasattr(module, "activation_fn")
+    }
+    assert activations == {type(ACT2FN["gelu_pytorch_tanh"])}
+    torch.testing.assert_close(model.prefill(ids, embeds)[1], before)
