@@ -184,7 +184,7 @@ def test_the_batch_kv_cache_is_rebuilt_layer_by_layer_and_never_held_twice(loade
 
 def test_the_batch_kv_buffers_never_grow_while_its_answers_decode(loaded, monkeypatch):
     """The batch is laid out with room for every answer to end, so a step never copies it into a larger buffer
-    (at phi-2's size that took seconds), even when the answers are longer than `ROOM`."""
+    (at phi-2's size, the longest pause of a wave), even when the answers are longer than `ROOM`."""
     monkeypatch.setattr(pytorch, "ROOM", 2)
     grown, update = [], GrowingLayer.update
 

@@ -241,7 +241,7 @@ class TorchRows:
         `ROOM` after."""
         remaining = max(answer.options.max_new_tokens - len(answer.tokens) for answer in answers)
         limit = max(len(answer.input_ids) + answer.options.max_new_tokens for answer in answers) + 2 * ROOM
-        return min(remaining + ROOM, limit - columns)  # columns ≤ limit - 2 · ROOM: at least ROOM
+        return min(remaining + ROOM, limit - columns)  # at least ROOM: columns ≤ the longest row + ROOM of padding
 
     def _capacity(self, rows: int, length: int) -> int:
         """Buffer rows for a batch of `rows` now: up to `slots`, while that many of `length` fit in `kv_bytes`."""
