@@ -2,8 +2,9 @@
 
 A decode step reads every weight once, whether it computes one conversation's next token or eight
 (`benchmarks/load.py` measures what that buys), so `Batcher` runs every computation of a backend on
-one thread: a new question's prompt is computed alone (reusing a cached prefix) and joins the batch at
-the next token boundary; an answer leaves as soon as it ends (end of text, its length limit, or its
+one thread: a new question's prompt (past a cached prefix) is computed in one pass with the running
+answers' next step where the backend can (`Rows.start`), and it joins the batch at that token boundary;
+an answer leaves as soon as it ends (end of text, its length limit, or its
 visitor stopped), its KV cache kept for a follow-up question. A question joins only while a slot is
 free and the batch's KV, every row at its length limit, fits (a question alone always starts);
 otherwise it waits for rows to leave. Tokens are chosen here, as transformers' generate does.
@@ -82,8 +83,10 @@ class Rows(Protocol):
     def fits(self, answers: list[Answer]) -> bool:
         """Whether these answers' KV, each at its length limit, fits in memory together."""
 
-    def start(self, answer: Answer) -> torch.Tensor:
-        """Compute `answer`'s prompt, past whatever prefix of it is cached; the last position's logits."""
+    def start(self, answer: Answer, running: list[Answer]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compute `answer`'s prompt, past whatever prefix of it is cached: the last position's logits; and, in the
+        same pass or not (None), the `running` answers' next step (`step`'s logits). Raising, it leaves the running
+        answers as they were."""
 
     def enter(self, answer: Answer, running: list[Answer]) -> None:
         """`answer` (started) joins the `running` ones' batch."""
@@ -166,9 +169,8 @@ class Batcher:
                 item.done.set()
                 continue
             try:
-                if item is not None:
-                    self._join(item)
-                if self.running:
+                stepped = item is not None and self._join(item)
+                if self.running and not stepped:
                     self._step()
             except BaseException as error:  # out of memory, say: every running answer's caller hears of it
                 self._fail(error)
@@ -184,28 +186,48 @@ class Batcher:
         self.running = []
         self.rows.reset()
 
-    def _join(self, answer: Answer) -> None:
-        """Compute `answer`'s prompt (past its cached prefix) and first token; it joins the batch unless complete."""
+    def _join(self, answer: Answer) -> bool:
+        """Compute `answer`'s prompt (past its cached prefix) and first token; it joins the batch unless complete.
+        Returns whether the running answers took their next step in the same pass."""
         if answer.stopped():  # its visitor left while it waited
-            return self._finish(answer)
+            self._finish(answer)
+            return False
         try:
             if answer.streamer is not None:
                 answer.streamer.put(torch.empty(1, 0, dtype=torch.long))  # as generate(): the prompt first (none)
-            logits = self.rows.start(answer)
+            logits, stepped = self.rows.start(answer, self.running)
+        except BaseException as error:  # the running answers are as they were (`Rows.start`)
+            self.rows.set_aside(answer, keep=False)
+            self._finish(answer, error)
+            return False
+        if stepped is not None:
+            try:
+                self._advance(stepped)
+            except BaseException:
+                self.running.append(answer)  # it fails with the running answers (`_loop`)
+                raise
+        try:
             answer.positions = len(answer.input_ids)
             if answer.choose(logits, self.eos_token_id) or answer.stopped():
                 self.rows.set_aside(answer, keep=True)
-                return self._finish(answer)
+                self._finish(answer)
+                return stepped is not None
         except BaseException as error:
             self.rows.set_aside(answer, keep=False)
-            return self._finish(answer, error)
+            self._finish(answer, error)
+            return stepped is not None
         running, self.running = self.running, [*self.running, answer]  # so that an error in `enter` reaches it
         self.rows.enter(answer, running)
+        return stepped is not None
 
     def _step(self) -> None:
         """Feed every running answer its newest token; each chooses its next; complete ones leave."""
+        self._advance(self.rows.step(self.running))
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Every running answer was fed its newest token (`logits`, a row each): each chooses its next; complete ones
+        leave."""
         running = self.running
-        logits = self.rows.step(running)
         complete = []
         for row, answer in enumerate(running):
             answer.positions += 1

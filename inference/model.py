@@ -189,9 +189,16 @@ class MultimodalPhi(nn.Module):
         """The KV cache of a prompt (the system prompt; up to the question, image included; or a whole prompt),
         continuing `past` when given (the KV of its first positions), and its last position's logits."""
         cache = past if past is not None else DynamicCache(config=self.language_model.config)
-        inputs_embeds = self.build_inputs([input_ids], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
-        output = self.language_model(inputs_embeds=inputs_embeds, cache=cache, logits_to_keep=1)
+        output = self.language_model(
+            inputs_embeds=self.prompt_embeds(input_ids, image_embeds, cache), cache=cache, logits_to_keep=1
+        )
         return cache, output.logits[0, -1]
+
+    def prompt_embeds(
+        self, input_ids: Sequence[int], image_embeds: torch.Tensor | None, cache: DynamicCache
+    ) -> torch.Tensor:
+        """The embeddings (1, positions, width) of a prompt's positions after those `cache` holds."""
+        return self.build_inputs([input_ids], image_embeds).inputs_embeds[:, cache.get_seq_length() :]
 
     @torch.no_grad()
     def generate_batch(
@@ -300,7 +307,7 @@ ROW_BY_ROW = "sdpa_row_by_row"  # the attention `MultimodalPhi` serves with (`ro
 
 
 def row_by_row_attention(
-    module, query, key, value, attention_mask, row_starts: Sequence[int] | None = None, **kwargs
+    module, query, key, value, attention_mask, row_starts: Sequence[int] | None = None, step_cache=None, **kwargs
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except that a decode step (one new position per row) computes each row
     alone, over its own positions: the call its row would make with nothing else in the batch. Left padding
@@ -309,7 +316,18 @@ def row_by_row_attention(
     an int8 answer (whose products are exact per row) is the same, bit for bit, whoever else is asking.
 
     `row_starts` (a model's forward passes it on), each row's first column when the rows are left padded: the
-    same for every layer, so its caller reads it once a step instead of every layer reading the mask."""
+    same for every layer, so its caller reads it once a step instead of every layer reading the mask.
+
+    `step_cache`, a batch's KV cache (its rows' new positions written): the pass computes a prompt (`key`, `value`)
+    and, after its positions, each of the batch's rows at its next position (`inference.backends.joint`)."""
+    if step_cache is not None:
+        prompt = query.shape[2] - len(row_starts)
+        layer = step_cache.layers[module.layer_idx]
+        rows, _ = row_by_row_attention(
+            module, query[:, :, prompt:].transpose(0, 2), layer.keys, layer.values, None, row_starts, **kwargs
+        )
+        head, _ = sdpa_attention_forward(module, query[:, :, :prompt], key, value, attention_mask, **kwargs)
+        return torch.cat([head, rows.transpose(0, 1)], dim=1), None
     if query.shape[2] != 1:  # a prompt: always computed alone (`inference.batching`)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []

@@ -11,6 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from inference.backends import pytorch
+from inference.backends.joint import JointCache
 from inference.backends.pytorch import ROOM, GrowingLayer, TorchBackend, TorchRows, kv_position_bytes
 from inference.config import GenerationOptions
 from inference.loading import load_weights
@@ -87,6 +88,42 @@ def test_an_error_reaches_its_caller_and_the_batcher_serves_on(loaded, monkeypat
             backend.generate(ids, embeds, GenerationOptions(max_new_tokens=4))
     options = GenerationOptions(max_new_tokens=4)
     assert backend.generate(ids, embeds, options) == model.generate(ids, embeds, options)
+
+
+def test_a_prompt_pass_that_fails_fails_its_question_and_leaves_the_running_answers_as_they_were(loaded, monkeypatch):
+    model = loaded.model
+    backend = TorchBackend(model)
+    (ids, embeds, options), (other_ids, other_embeds, _) = four_requests(loaded)[:2]
+    update = JointCache.update
+
+    def fails_at_the_second_layer(cache, keys, values, layer, *args, **kwargs):
+        if layer == 1:  # the first layer wrote the running row's new position
+            raise MemoryError("full")
+        return update(cache, keys, values, layer, *args, **kwargs)
+
+    monkeypatch.setattr(JointCache, "update", fails_at_the_second_layer)
+    answers, errors = [], []
+    release = held(backend)
+    running = threading.Thread(target=lambda: answers.append(backend.generate(ids, embeds, options, image_key="a")))
+    running.start()
+    queued(backend, 1)
+
+    def join():
+        try:
+            backend.generate(other_ids, other_embeds, options, image_key="b")
+        except MemoryError as error:
+            errors.append(error)
+
+    joining = threading.Thread(target=join)
+    joining.start()
+    queued(backend, 2)
+    release.set()
+    running.join(60)
+    joining.join(60)
+    assert len(errors) == 1  # the question whose prompt's pass failed hears of it
+    assert answers == [model.generate(ids, embeds, options)]  # the running answer, its step taken again
+    kept = {image: cache for _, image, cache in backend.prefixes.entries}["a"]
+    assert {layer.keys.shape[2] for layer in kept.layers} == {len(ids) + len(answers[0]) - 1}  # every layer's
 
 
 def test_sampled_answers_are_seeded_like_generate(loaded):
@@ -240,21 +277,31 @@ def test_rows_join_and_leave_in_place_and_the_padding_stays_within_room(loaded, 
 def test_an_int8_row_computes_bit_for_bit_what_it_computes_alone(weights_dir):
     loaded = load_weights(weights_dir, precision=Precision.INT8)  # the served precision: exact products per row
     backend = TorchBackend(loaded.model)
-    seen: dict[object, list[torch.Tensor]] = {}  # each answer's logits, step by step
-    step = backend.batcher.rows.step
+    rows = backend.batcher.rows
+    seen: dict[object, list[torch.Tensor]] = {}  # each answer's logits: its prompt's, then step by step
+    joint = []  # the rows of each step taken in a joining question's prompt pass
+    start, step = rows.start, rows.step
 
-    def watched(running):
-        logits = step(running)
+    def record(running, logits):
         for row, answer in enumerate(running):
             seen.setdefault(answer.image_key, []).append(logits[row].clone())
-        return logits
 
-    backend.batcher.rows.step = watched
+    def watched_start(answer, running):
+        logits, stepped = start(answer, running)
+        if stepped is not None:
+            joint.append(len(running))
+            record(running, stepped)
+        record([answer], logits[None])
+        return logits, stepped
+
+    rows.start, rows.step = watched_start, lambda running: (record(running, logits := step(running)), logits)[1]
     requests = four_requests(loaded) * 2  # eight rows, their prompts left padded to the longest
     for index, (ids, embeds, options) in enumerate(requests):
         backend.generate(ids, embeds, options, image_key=f"alone {index}")
+    assert not joint
     together = ask_together(backend, requests, held(backend))
     assert all(len(answer) > 1 for answer in together)
+    assert len(joint) == len(requests) - 1 and max(joint) > 1  # each after the first joined in a prompt's pass
     for index in range(len(requests)):  # not only the same tokens: the same logits, to the last bit
         alone, batched = seen[f"alone {index}"], seen[f"image {index}"]
         assert len(alone) == len(batched) and all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))

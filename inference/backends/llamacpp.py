@@ -217,10 +217,10 @@ class LlamaCppRows:
                     held = self.held[index]
                     self.held[other] = Held(list(held.ids), held.image_key, self.held[other].used)
 
-    def start(self, answer: Answer) -> torch.Tensor:
+    def start(self, answer: Answer, running: list[Answer]) -> tuple[torch.Tensor, None]:
         index = self.sequence[answer] = self.take(answer.input_ids, answer.image_key)
         embeds = embedding_rows(answer.image_embeds, self.llm)
-        return torch.from_numpy(self.feed(index, answer.input_ids, embeds, answer.image_key))
+        return torch.from_numpy(self.feed(index, answer.input_ids, embeds, answer.image_key)), None  # no step
 
     def enter(self, answer: Answer, running: list[Answer]) -> None:
         pass  # its sequence holds its prompt already

@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.cache_utils import DynamicLayer
 
 from inference.backends import SLOTS, LoadedBackend
+from inference.backends.joint import prompt_and_step
 from inference.batching import Answer, Batcher, T
 from inference.config import GenerationOptions, Manifest
 from inference.hub import resolve_weights
@@ -74,6 +75,10 @@ class GrowingLayer(DynamicLayer):
         self.rows = rows
         self._view(self.length)
 
+    def cut(self, length: int) -> None:
+        """Forget the positions after the first `length` (a step that failed part way)."""
+        self._view(length)
+
     def spare(self) -> int:
         return self.buffers[0].shape[0] - self.rows
 
@@ -125,10 +130,31 @@ class TorchRows:
         return len(answers) * longest * self.position_bytes <= self.kv_bytes
 
     @torch.no_grad()
-    def start(self, answer: Answer) -> torch.Tensor:
+    def start(self, answer: Answer, running: list[Answer]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's pass; the running answers' next step in the same one (`inference.backends.joint`)."""
         past = self.prefixes.take(answer.input_ids, answer.image_key)
-        self.started[answer], logits = self.model.prefill(answer.input_ids, answer.image_embeds, past)
-        return logits
+        if not running:
+            self.started[answer], logits = self.model.prefill(answer.input_ids, answer.image_embeds, past)
+            return logits, None
+        cache = past if past is not None else DynamicCache(config=self.model.language_model.config)
+        embeds = self.model.prompt_embeds(answer.input_ids, answer.image_embeds, cache)
+        columns = self.cache.get_seq_length()
+        try:
+            logits, stepped = prompt_and_step(
+                self.model.language_model,
+                embeds,
+                cache,
+                [answer.tokens[-1] for answer in running],
+                [answer.positions for answer in running],
+                self.cache,
+                self._starts(running),
+            )
+        except BaseException:
+            for layer in self.cache.layers:  # the running rows as they were: their step is taken again
+                layer.cut(columns)
+            raise
+        self.started[answer] = cache
+        return logits, stepped
 
     def enter(self, answer: Answer, running: list[Answer]) -> None:
         layers = _layers(self.started.pop(answer))
@@ -154,8 +180,7 @@ class TorchRows:
     @torch.no_grad()
     def step(self, running: list[Answer]) -> torch.Tensor:
         tokens = torch.tensor([[answer.tokens[-1]] for answer in running])
-        columns = self.cache.get_seq_length() + 1
-        starts = [columns - answer.positions - 1 for answer in running]  # each row's padding, then its positions
+        columns, starts = self.cache.get_seq_length() + 1, self._starts(running)
         mask = torch.zeros(len(running), columns, dtype=torch.long)
         for row, first in enumerate(starts):
             mask[row, first:] = 1
@@ -169,6 +194,10 @@ class TorchRows:
             row_starts=starts,  # for `row_by_row_attention`: the mask's, read once
         )
         return output.logits[:, -1]
+
+    def _starts(self, running: list[Answer]) -> list[int]:
+        """Each row's first column, at the next step: its padding, then its positions and the new one."""
+        return [self.cache.get_seq_length() - answer.positions for answer in running]
 
     def leave(self, complete: list[Answer], running: list[Answer]) -> None:
         caches = self._rows(running)
