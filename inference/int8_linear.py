@@ -65,7 +65,7 @@ class Int8Linear(nn.Module):
         inliers = rows.index_fill(-1, self.columns, 0.0) if self.columns.numel() else rows
         scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
-        output = output * scale if self.bias is None else torch.addcmul(self.bias, output - self.bias, scale)
+        output = output * scale if self.bias is None else torch.addcmul(self.bias, output.sub_(self.bias), scale)
         # The outlier columns one at a time, element by element: a matrix product's kernel (and so its rounding)
         # changes with the number of rows, and a row must compute the same alone as in a batch.
         for column, weight in zip(rows.index_select(-1, self.columns).T, self.outlier_weight, strict=True):
