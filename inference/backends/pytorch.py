@@ -110,7 +110,8 @@ class GrowingLayer(DynamicLayer):
 class TorchRows:
     """`Rows` for a `MultimodalPhi`: one KV cache for the batch, its rows left padded so that every row's newest
     position is the same column, each row's positions and mask its own (so a row computes what it would alone).
-    A prompt is computed alone from the longest cached prefix (`PrefixCache`); an answer's KV goes back there.
+    A prompt is computed from the longest cached prefix (`PrefixCache`), in one pass with the running answers' next
+    step (`start`); an answer's KV goes back there.
     The batch's KV is rows × its longest row: `fits` holds it, every row at its length limit, within `kv_bytes`.
 
     A question joins in place (`_fits_in_place`: a buffer row to spare, its prompt no longer than the batch's rows,
@@ -144,8 +145,8 @@ class TorchRows:
                 self.model.language_model,
                 embeds,
                 cache,
-                [answer.tokens[-1] for answer in running],
-                [answer.positions for answer in running],
+                [row.tokens[-1] for row in running],
+                [row.positions for row in running],
                 self.cache,
                 self._starts(running),
             )
