@@ -8,10 +8,14 @@ A decode step reads every weight once. It is bound by memory bandwidth when its 
 the memory delivers the weights; what is left above that is overhead. This measures the products of one
 decode step as the served model runs them (`inference.int8_linear.Int8Linear` over fbgemm's dynamic int8
 Linear, per-row activation scales), for 1 row (one visitor) and 8 (eight decoded together), layer after
-layer so the weights come from memory as in the model, not from cache, and the read bandwidth of the same
-process; the tokens/s limit is that bandwidth over the bytes read. phi's decoder layer feeds one
+layer so the weights come from memory as in the model, not from cache, and the memory's read bandwidth in
+turn with them (each round reads 2 GiB once more: on a shared machine the memory's speed changes from one
+minute to the next, and a limit measured at another time says little). "Of the read" is the products'
+bytes per second over the read's in the same round. phi's decoder layer feeds one
 LayerNorm output to q, k, v (attention) and fc1 (MLP): the served arrangement is those four as one
 Linear, whose per-row scales and per-output-channel weights give the same numbers as the four apart.
+The served weights are also run through fbgemm's product alone, without `Int8Linear`'s per-row scaling
+around it (not the served numbers: one activation scale for all rows), to show what that scaling costs.
 Each arrangement runs in turn, 5 rounds; medians.
 """
 
@@ -34,6 +38,7 @@ from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_
 
 SHAPES = {"phi-2": (32, 2560, 10240), "small": (2, 256, 1024)}  # layers, width, MLP width
 ROUNDS = 5
+KERNEL_ONLY = "the same, fbgemm's product alone (no per-row scaling)"
 
 
 def arrangements(width: int, mlp: int) -> dict[str, list[tuple[int, int]]]:
@@ -62,14 +67,15 @@ def int8_layers(shapes: list[tuple[int, int]], layers: int) -> list[list[Int8Lin
         return built
 
 
-def step_seconds(model: list[list[Int8Linear]], rows: int) -> float:
+def step_seconds(model: list[list[nn.Module]], rows: int) -> float:
     """One pass over every layer's products, `rows` tokens each."""
-    inputs = {linear.int8.in_features: torch.randn(rows, linear.int8.in_features) for linear in model[0]}
+    widths = [getattr(linear, "int8", linear).in_features for linear in model[0]]
+    inputs = [torch.randn(rows, width) for width in widths]
     start = time.perf_counter()
     with torch.no_grad():
         for layer in model:
-            for linear in layer:
-                linear(inputs[linear.int8.in_features])
+            for linear, x in zip(layer, inputs, strict=True):
+                linear(x)
     return time.perf_counter() - start
 
 
@@ -86,32 +92,51 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = arrangements(width, mlp)
     models = {name: int8_layers(linears, layers) for name, linears in shapes.items()}
     weights = {name: layers * sum(i * o for i, o in linears) for name, linears in shapes.items()}  # int8: bytes
-    bandwidth = bandwidth_gb_s(args.threads)
+    served = list(shapes)[-1]
+    # fbgemm's product alone on the served weights (shared, not copied): what the per-row scaling costs.
+    models[KERNEL_ONLY] = [[linear.int8 for linear in layer] for layer in models[served]]
+    weights[KERNEL_ONLY] = weights[served]
     times: dict[tuple[str, int], list[float]] = {}
+    shares: dict[tuple[str, int], list[float]] = {}  # the products' read speed over the memory's, round by round
+    reads = []
     for _ in range(ROUNDS):
+        reads.append(bandwidth_gb_s(args.threads))
         for rows in (1, 8):
             for name, model in models.items():
                 step_seconds(model, rows)  # warm: the first call of each shape pays its set-up
-                times.setdefault((name, rows), []).append(step_seconds(model, rows))
+                seconds = step_seconds(model, rows)
+                times.setdefault((name, rows), []).append(seconds)
+                shares.setdefault((name, rows), []).append(weights[name] / seconds / 1e9 / reads[-1])
+    bandwidth = statistics.median(reads)
     rows_out = []
     for (name, rows), samples in times.items():
         seconds = statistics.median(samples)
-        rows_out.append({"arrangement": name, "rows": rows, "ms": seconds * 1e3, "gb_s": weights[name] / seconds / 1e9})
+        rows_out.append(
+            {
+                "arrangement": name,
+                "rows": rows,
+                "ms": seconds * 1e3,
+                "gb_s": weights[name] / seconds / 1e9,
+                "of_read": statistics.median(shares[name, rows]),
+            }
+        )
     apart_name = next(iter(shapes))
     apart = {row["rows"]: row["ms"] for row in rows_out if row["arrangement"] == apart_name}
     lines = [
         f"### int8 decode step's products, {size} shape (int8_decode.py, {time.strftime('%Y-%m-%d')})\n",
         f"{cpu_description()}, {args.threads} threads; {layers} decoder layers' int8 Linear layers "
         f"({weights[apart_name] / 1e9:.2f} GB, lm_head not included), medians of {ROUNDS} rounds taken in turn; "
-        f"read bandwidth {bandwidth:.1f} GB/s, so at most {bandwidth * 1e9 / weights[apart_name]:.1f} steps/s; "
-        f"the run took {time.perf_counter() - began:.0f} s.\n",
-        "| arrangement | rows | products per step | weights read | × apart |",
-        "|---|---|---|---|---|",
+        f"read bandwidth {bandwidth:.1f} GB/s (median of the rounds' reads, {min(reads):.1f}–{max(reads):.1f}), "
+        f"so at most {bandwidth * 1e9 / weights[apart_name]:.1f} steps/s; of the read: median of the rounds' "
+        f"ratios; the run took {time.perf_counter() - began:.0f} s.\n",
+        "| arrangement | rows | products per step | weights read | of the read | × apart |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows_out:
         ratio = apart[row["rows"]] / row["ms"]
         lines.append(
-            f"| {row['arrangement']} | {row['rows']} | {row['ms']:.1f} ms | {row['gb_s']:.1f} GB/s | {ratio:.2f}× |"
+            f"| {row['arrangement']} | {row['rows']} | {row['ms']:.1f} ms | {row['gb_s']:.1f} GB/s | "
+            f"{row['of_read']:.0%} | {ratio:.2f}× |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

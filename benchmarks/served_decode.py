@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.llama_cpp or args.demo:
             llama = load_llamacpp(args.weights, args.gguf, args.threads, cache / "gguf").backend
             backends[llama.describe()] = lambda: llama  # one context: its sequences keep what they computed
-        bandwidth = bandwidth_gb_s(args.threads)
         speeds: dict[tuple[str, int], list[float]] = {}
         answers: dict[tuple[str, int], list] = {}
+        reads = []  # in turn with the decodes: the memory's speed changes from one minute to the next
         for _ in range(args.rounds):
+            reads.append(bandwidth_gb_s(args.threads))
             for rows in (1, 8):
                 asked = served_prompts(loaded, rows)
                 for name, backend in backends.items():
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{cpu_description()}, {args.threads} threads; {'tiny random models' if args.demo else args.weights}; "
         f"{args.tokens}-token greedy answers "
         f"through the app's batcher, medians of {args.rounds} rounds taken in turn; read bandwidth "
-        f"{bandwidth:.1f} GB/s; greedy answers equal in both int8 arrangements: {'yes' if same else 'NO'}; "
+        f"{statistics.median(reads):.1f} GB/s ({min(reads):.1f}–{max(reads):.1f}, one read a round); "
+        f"greedy answers equal in both int8 arrangements: {'yes' if same else 'NO'}; "
         f"the run took {time.perf_counter() - began:.0f} s.\n",
         "| arrangement | answers at once | decode tokens/s (all rows) | per answer | served ÷ this |",
         "|---|---|---|---|---|",
