@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from inference.config import GenerationOptions
+from inference.decode_attention import decode_attention, fits, kernel
 from inference.prompt import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from inference.vision import VisionTower
 
@@ -310,7 +311,8 @@ def row_by_row_attention(
     module, query, key, value, attention_mask, row_starts: Sequence[int] | None = None, step_cache=None, **kwargs
 ) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except that a decode step (one new position per row) computes each row
-    alone, over its own positions: the call its row would make with nothing else in the batch. Left padding
+    alone, over its own positions: the call its row would make with nothing else in the batch (all rows in one
+    call of `inference.decode_attention`'s kernel where it is built, else sdpa row by row). Left padding
     shifts a row's positions in a batched kernel and its masked columns change the kernel's path, so a row's
     attention would differ in the last bits from its own, and a near tie could pick another token: with this,
     an int8 answer (whose products are exact per row) is the same, bit for bit, whoever else is asking.
@@ -330,7 +332,7 @@ def row_by_row_attention(
         return torch.cat([head, rows.transpose(0, 1)], dim=1), None
     if query.shape[2] != 1:  # a prompt: always computed alone (`inference.batching`)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows = []
+    firsts, masks = [], []  # each row's first column (after its left padding), and its mask if it needs one
     for row in range(query.shape[0]):
         if row_starts is not None:
             first, mask = row_starts[row], None
@@ -341,6 +343,13 @@ def row_by_row_attention(
                 first, mask = 0, mask[None]
             else:
                 mask = None
+        firsts.append(first)
+        masks.append(mask)
+    # Every row over its own columns (a mask that is more than left padding is never served; it takes sdpa).
+    if all(mask is None for mask in masks) and not module.training and kernel() is not None and fits(query, key, value):
+        return decode_attention(query, key, value, firsts, kwargs.get("scaling") or query.shape[-1] ** -0.5), None
+    rows = []
+    for row, (first, mask) in enumerate(zip(firsts, masks, strict=True)):
         keys, values = key[row : row + 1, :, first:], value[row : row + 1, :, first:]
         rows.append(sdpa_attention_forward(module, query[row : row + 1], keys, values, mask, **kwargs)[0])
     return torch.cat(rows), None

@@ -9,7 +9,15 @@ import re
 import pytest
 import torch
 
-from benchmarks import computing_thread, cpu_inference, int4_fidelity, int8_decode, load, served_decode
+from benchmarks import (
+    computing_thread,
+    cpu_inference,
+    decode_attention,
+    int4_fidelity,
+    int8_decode,
+    load,
+    served_decode,
+)
 from inference.measuring import write_section
 
 
@@ -78,6 +86,23 @@ def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_
     assert re.search(r"read bandwidth [\d.]+ GB/s \(median of the rounds' reads, [\d.]+–[\d.]+\)", text)
     names = r"q, k, v, dense, fc1, fc2 apart|q, k, v and fc1 as one \(served\)|the same, fbgemm's product alone"
     assert len(re.findall(rf"^\| ({names})", text, flags=re.M)) == 6
+
+
+def test_decode_attention_benchmark_times_the_kernel_against_sdpa_row_by_row(tmp_path):
+    results_file = tmp_path / "RESULTS.md"
+    table = decode_attention.main(["--small", "--results", str(results_file)])
+    assert sorted((row["method"], row["rows"]) for row in table) == [
+        ("C kernel, all rows in one call (served)", 1),
+        ("C kernel, all rows in one call (served)", 8),
+        ("torch sdpa, row by row", 1),
+        ("torch sdpa, row by row", 8),
+    ]
+    assert all(row["ms"] > 0 and row["of_read"] > 0 for row in table)
+    text = results_file.read_text()
+    assert text.count("### A decode step's attention, small shape") == 1
+    assert "a row alone the same bit for bit as in the batch: yes" in text
+    difference = float(re.search(r"largest difference ([\d.e+-]+);", text).group(1))
+    assert difference < 1e-5
 
 
 def test_served_decode_benchmark_runs_every_arrangement_through_the_batcher(tmp_path):

@@ -12,6 +12,7 @@ from transformers import Cache, DynamicCache
 from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.cache_utils import DynamicLayer
 
+from inference import decode_attention
 from inference.backends import SLOTS, LoadedBackend
 from inference.backends.joint import prompt_and_step
 from inference.batching import Answer, Batcher, T
@@ -325,6 +326,7 @@ class TorchBackend:
     ) -> None:
         self.model = model.eval()
         model.language_model.set_attn_implementation(ROW_BY_ROW)  # an answer is the same whoever else asks
+        decode_attention.kernel()  # built now, not while the first answer waits for its second token
         one_kernel_gelu(model.language_model)
         self.precision = precision  # how it was loaded, when known
         self.prefixes = PrefixCache(PREFIX_CACHES, budget=kv_bytes[1])
