@@ -15,7 +15,8 @@ bytes per second over the read's in the same round. phi's decoder layer feeds on
 LayerNorm output to q, k, v (attention) and fc1 (MLP): the served arrangement is those four as one
 Linear, whose per-row scales and per-output-channel weights give the same numbers as the four apart.
 The served weights are also run through fbgemm's product alone, without `Int8Linear`'s per-row scaling
-around it (not the served numbers: one activation scale for all rows), to show what that scaling costs.
+around it (not the served numbers: one activation scale for all rows), to show what that scaling costs, and
+with that scaling in torch ops (`Int8Linear.forward_in_torch`) instead of its C kernel (`inference/int8_rows.c`).
 Each arrangement runs in turn, 5 rounds; medians.
 """
 
@@ -39,6 +40,7 @@ from inference.measuring import RESULTS, bandwidth_gb_s, cpu_description, write_
 SHAPES = {"phi-2": (32, 2560, 10240), "small": (2, 256, 1024)}  # layers, width, MLP width
 ROUNDS = 5
 KERNEL_ONLY = "the same, fbgemm's product alone (no per-row scaling)"
+TORCH_OPS = "the same, per-row scaling in torch ops (where no C compiler is found)"
 
 
 def arrangements(width: int, mlp: int) -> dict[str, list[tuple[int, int]]]:
@@ -65,6 +67,18 @@ def int8_layers(shapes: list[tuple[int, int]], layers: int) -> list[list[Int8Lin
                 row.append(Int8Linear.from_linear(linear, torch.empty(0, dtype=torch.long), qconfig))
             built.append(row)
         return built
+
+
+class InTorchOps(nn.Module):
+    """An `Int8Linear` computing its per-row scaling in torch ops (`forward_in_torch`), as served without the C
+    kernels (`inference.native`)."""
+
+    def __init__(self, linear: Int8Linear) -> None:
+        super().__init__()
+        self.linear, self.int8 = linear, linear.int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear.forward_in_torch(x)
 
 
 def step_seconds(model: list[list[nn.Module]], rows: int) -> float:
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     served = list(shapes)[-1]
     # fbgemm's product alone on the served weights (shared, not copied): what the per-row scaling costs.
     models[KERNEL_ONLY] = [[linear.int8 for linear in layer] for layer in models[served]]
-    weights[KERNEL_ONLY] = weights[served]
+    models[TORCH_OPS] = [[InTorchOps(linear) for linear in layer] for layer in models[served]]
+    weights[KERNEL_ONLY] = weights[TORCH_OPS] = weights[served]
     times: dict[tuple[str, int], list[float]] = {}
     shares: dict[tuple[str, int], list[float]] = {}  # the products' read speed over the memory's, round by round
     reads = []

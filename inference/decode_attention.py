@@ -6,54 +6,30 @@ layer that costs more than reading the row's keys and values (`benchmarks/decode
 The C kernel reads each head's keys and values once, in one pass each, for every row in one call, and works on
 each (row, head) alone, so a row computes the same, bit for bit, whoever else is in the batch.
 
-The kernel is compiled when first needed, for the CPU it runs on (`-march=native`; the machine a Space is built on
-is not the one it runs on). Where there is no C compiler, or `VQA_ATTENTION=sdpa` is set, `kernel()` is None and
-the model keeps torch's sdpa, row by row.
+The kernel is compiled when first needed, for the CPU it runs on (`inference.native`). Where it cannot be, `kernel()`
+is None and the model keeps torch's sdpa, row by row.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_suffix(".c")
-# -ffast-math for the compile only: linked with it, GCC 12 adds crtfastmath.o, which would flush denormals to zero
-# for the whole process. The kernel's OpenMP calls go to the libgomp torch has loaded (the same soname).
-COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
-LINK = ["-shared", "-fopenmp", "-lmvec", "-lm"]
-
-log = logging.getLogger(__name__)
+from inference import native
 
 
 @functools.cache
 def kernel() -> Callable[..., int] | None:
-    """The compiled kernel, or None where it cannot be built (torch's sdpa serves then)."""
-    if os.environ.get("VQA_ATTENTION", "kernel") == "sdpa":
+    """The compiled kernel, or None where it cannot be built (torch's sdpa serves then, row by row)."""
+    # -ffast-math for the vectorised exp (glibc's libmvec) and sums: their order is still fixed by the code and the
+    # row's length, not by the batch.
+    library = native.library("decode_attention", "-ffast-math", "-lmvec")
+    if library is None:
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler: the decode attention runs row by row through torch's sdpa")
-        return None
-    with tempfile.TemporaryDirectory() as folder:
-        objects, library = Path(folder) / "decode_attention.o", Path(folder) / "decode_attention.so"
-        try:
-            subprocess.run([compiler, *COMPILE, str(SOURCE), "-o", str(objects)], check=True, capture_output=True)
-            subprocess.run([compiler, str(objects), "-o", str(library), *LINK], check=True, capture_output=True)
-            loaded = ctypes.CDLL(str(library))  # mapped: the file may go with its folder
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", b"") or b""
-            log.warning("decode attention kernel not built (%s %s): torch's sdpa serves", error, detail.decode()[-500:])
-            return None
-    function = loaded.decode_attention
+    function = library.decode_attention
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float, ctypes.c_int]
     return function

@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 import torch
 from torch import nn
+
+from inference import native
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
@@ -62,6 +66,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.flatten(0, -2)
+        functions = row_scaling()
+        if functions is None or rows.dtype != torch.float32:
+            return self.forward_in_torch(x)
+        stage, finish = functions
+        rows, (count, width), threads = rows.contiguous(), rows.shape, torch.get_num_threads()
+        staged, scale = rows.new_empty(count + 1, width), rows.new_empty(count)
+        columns = (self.columns.data_ptr(), self.columns.numel())
+        stage(rows.data_ptr(), count, width, *columns, staged.data_ptr(), scale.data_ptr(), threads)
+        output = self.int8(staged)  # (count + 1, size): the span row last
+        size, bias = output.shape[1], None if self.bias is None else self.bias.data_ptr()
+        inputs = (scale.data_ptr(), rows.data_ptr(), width, *columns, self.outlier_weight.data_ptr())
+        finish(output.data_ptr(), count, size, bias, *inputs, threads)
+        return output[:-1].view(*x.shape[:-1], size)
+
+    def forward_in_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """What `forward` computes (through `inference/int8_rows.c` where it is built), in torch ops."""
+        rows = x.flatten(0, -2)
         inliers = rows.index_fill(-1, self.columns, 0.0) if self.columns.numel() else rows
         scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
@@ -71,6 +92,21 @@ class Int8Linear(nn.Module):
         for column, weight in zip(rows.index_select(-1, self.columns).T, self.outlier_weight, strict=True):
             output.addcmul_(column[:, None], weight)
         return output.view(*x.shape[:-1], output.shape[-1])
+
+
+@functools.cache
+def row_scaling() -> tuple[Callable, Callable] | None:
+    """`inference/int8_rows.c`'s two functions, the per-row scaling before and after the int8 product (one pass
+    each instead of one per torch op: the elementwise work that grows with a batch's rows), or None where they
+    cannot be built."""
+    library = native.library("int8_rows")
+    if library is None:
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.int8_stage.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int]
+    finish = [pointer, size, size, pointer, pointer, pointer, size, pointer, size, pointer, ctypes.c_int]
+    library.int8_finish.argtypes = finish
+    return library.int8_stage, library.int8_finish
 
 
 def packed_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

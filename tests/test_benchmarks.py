@@ -79,13 +79,15 @@ def test_int8_decode_benchmark_compares_the_served_products_with_fused_ones(tmp_
         ("q, k, v, dense, fc1, fc2 apart", 8),
         (int8_decode.KERNEL_ONLY, 1),
         (int8_decode.KERNEL_ONLY, 8),
+        (int8_decode.TORCH_OPS, 1),
+        (int8_decode.TORCH_OPS, 8),
     ]
     assert all(row["ms"] > 0 and row["gb_s"] > 0 and row["of_read"] > 0 for row in rows)
     text = results_file.read_text()
     assert text.count("### int8 decode step's products, small shape") == 1
     assert re.search(r"read bandwidth [\d.]+ GB/s \(median of the rounds' reads, [\d.]+–[\d.]+\)", text)
-    names = r"q, k, v, dense, fc1, fc2 apart|q, k, v and fc1 as one \(served\)|the same, fbgemm's product alone"
-    assert len(re.findall(rf"^\| ({names})", text, flags=re.M)) == 6
+    names = r"q, k, v, dense, fc1, fc2 apart|q, k, v and fc1 as one \(served\)|the same, "
+    assert len(re.findall(rf"^\| ({names})", text, flags=re.M)) == 8
 
 
 def test_decode_attention_benchmark_times_the_kernel_against_sdpa_row_by_row(tmp_path):

@@ -6,7 +6,6 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import inference.model
-from inference import decode_attention as kernel_module
 from inference.backends.pytorch import TorchBackend
 from inference.decode_attention import decode_attention, fits, kernel
 from inference.loading import load_weights
@@ -90,21 +89,3 @@ def test_a_served_answer_decodes_through_the_kernel(weights_dir, monkeypatch):
     answer = TorchBackend(loaded.model).generate(ids, embeds, options, image_key="x")
     layers = loaded.model.language_model.config.num_hidden_layers
     assert len(answer) > 1 and len(calls) == layers * (len(answer) - 1) and set(calls) == {1}
-
-
-@pytest.mark.parametrize("how", ["no compiler", "VQA_ATTENTION=sdpa"])
-def test_without_the_kernel_decode_steps_run_through_sdpa_row_by_row(monkeypatch, how):
-    kernel.cache_clear()
-    try:
-        if how == "no compiler":
-            monkeypatch.setenv("CC", "no-such-compiler")
-        else:
-            monkeypatch.setenv("VQA_ATTENTION", "sdpa")
-        assert kernel() is None
-        query, key, value = cache_like(rows=2, heads=2, positions=6, width=8, capacity=8)
-        rows, _ = row_by_row_attention(torch.nn.Module().eval(), query, key, value, None, row_starts=[0, 2])
-        assert torch.equal(rows[1], sdpa_row(query, key, value, 1, 2))
-    finally:
-        monkeypatch.undo()
-        kernel.cache_clear()
-    assert kernel_module.kernel() is not None

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PhiForCausalLM
 
 from inference.config import TemplateName
 from inference.int8_files import INT8_FILE, load_int8, save_int8
-from inference.int8_linear import Int8Linear, Int8Part, SharedInput
+from inference.int8_linear import Int8Linear, Int8Part, SharedInput, row_scaling
 from inference.loading import calibration_ids
 from inference.precision import quantize_int8
 from inference.standins import plant_outliers
@@ -98,3 +98,7 @@ def test_a_row_of_an_int8_product_is_the_same_alone_and_in_a_batch(shared_and_ap
     with torch.no_grad():
         batched = product(rows)
         assert all(torch.equal(batched[row : row + 1], product(rows[row : row + 1])) for row in range(9))
+        assert row_scaling() is not None  # that was `inference/int8_rows.c`; the same in torch ops:
+        torch.testing.assert_close(batched, product.forward_in_torch(rows), rtol=1e-6, atol=1e-6)
+        apart = product.forward_in_torch(rows[4:5])
+        assert torch.equal(product.forward_in_torch(rows)[4:5], apart)
