@@ -38,6 +38,7 @@ def test_without_the_kernels_decode_steps_attend_through_sdpa_row_by_row(torch_o
     assert torch.equal(rows[1:2], alone)
 
 
+@pytest.mark.filterwarnings("ignore:.*(torch.ao.quantization is deprecated|quantize_per_).*")
 @pytest.mark.parametrize("bias", [True, False])
 def test_without_the_kernels_int8_layers_scale_their_rows_in_torch_ops(torch_only, bias):
     from torch.ao.quantization import per_channel_dynamic_qconfig
