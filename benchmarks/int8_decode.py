@@ -75,7 +75,7 @@ class InTorchOps(nn.Module):
 
     def __init__(self, linear: Int8Linear) -> None:
         super().__init__()
-        self.linear, self.int8 = linear, linear.int8
+        self.linear, self.int8, self.in_features = linear, linear.int8, linear.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear.forward_in_torch(x)
@@ -83,7 +83,7 @@ class InTorchOps(nn.Module):
 
 def step_seconds(model: list[list[nn.Module]], rows: int) -> float:
     """One pass over every layer's products, `rows` tokens each."""
-    widths = [getattr(linear, "int8", linear).in_features for linear in model[0]]
+    widths = [linear.in_features for linear in model[0]]
     inputs = [torch.randn(rows, width) for width in widths]
     start = time.perf_counter()
     with torch.no_grad():

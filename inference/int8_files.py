@@ -74,7 +74,8 @@ def _int8_layer_tensors(module: Int8Linear, parts: dict[str, tuple[int, int]]) -
     weight, bias = module.int8._weight_bias()  # unpacked from the kernels' layout: a copy
     if weight.qscheme() not in (torch.per_channel_symmetric, torch.per_channel_affine):
         raise ValueError(f"{next(iter(parts))}: only per-channel int8 weights are written (found {weight.qscheme()})")
-    values, scales, zero_points = weight.int_repr(), weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+    values = weight.int_repr()[:, : module.in_features]  # without the span columns `packed_int8` adds
+    scales, zero_points = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
     tensors = {}
     for name, (start, end) in parts.items():
         tensors[f"{name}.weight_int8"] = values[start:end]

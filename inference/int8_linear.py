@@ -23,6 +23,9 @@ with warnings.catch_warnings():
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 
+SPAN = 4  # input columns an int8 product gets beyond its layer's: +1, -1 and zeros (a multiple of fbgemm's 4)
+
+
 class Int8Linear(nn.Module):
     """A dynamic int8 Linear with one activation scale per row (token), whose outlier input columns, if any, are
     multiplied in fp32 (LLM.int8()'s decomposition).
@@ -33,22 +36,23 @@ class Int8Linear(nn.Module):
     too) would set the step for every other value: those columns are zeroed in the int8 product's input
     and weight and added back as a small fp32 product. And one row would set the step of every other
     row: a token's answer would depend on the other prompts of a batch (`inference.batching`) or the
-    other positions of a prefill. So each row is divided by its own largest magnitude, and one row
-    holding +1 and -1 goes in with them: the kernel's range is always [-1, 1], whatever else is in the
-    batch, and the product is scaled back row by row. The int8 product itself is exact integer arithmetic,
-    so a row computes the same alone as in any batch.
+    other positions of a prefill. So each row is divided by its own largest magnitude, and every row goes
+    in with +1 and -1 in `SPAN` input columns of its own, whose weights are zero: the kernel's range is
+    always [-1, 1], whatever else is in the batch, and the product is scaled back row by row. The int8
+    product itself is exact integer arithmetic, so a row computes the same alone as in any batch. (A row
+    of +1 and -1 below the others pins the range too, but it turns a product of 8 rows, a batch's decode
+    step, into one of 9, which fbgemm computes in a second block of rows.)
     """
 
     def __init__(self, int8: nn.Module, columns: torch.Tensor, outlier_weight: torch.Tensor) -> None:
         super().__init__()
-        self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns`
+        self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns` and its last `SPAN` columns
+        self.in_features, self.out_features = int8.in_features - SPAN, int8.out_features
         self.register_buffer("columns", columns)
         self.register_buffer("outlier_weight", outlier_weight)  # (columns, out_features), fp32
         # Added back after the per-row scaling (the kernel adds it before); not saved: the int8 part holds it.
         self.register_buffer("bias", int8.bias(), persistent=False)
-        span = torch.zeros(1, int8.in_features)
-        span[0, :2] = torch.tensor([1.0, -1.0])
-        self.register_buffer("span", span, persistent=False)
+        self.register_buffer("span", torch.tensor([[1.0, -1.0] + [0.0] * (SPAN - 2)]), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, columns: torch.Tensor, qconfig) -> Int8Linear:
@@ -57,8 +61,9 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()
         # Built on the meta device and given its tensors, and quantized in place: no initialised or copied
         # full-size weight beside the one quantized (the most memory a first start takes).
-        rest = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        rest.weight = nn.Parameter(weight.index_fill(1, columns, 0.0), requires_grad=False)
+        rest = nn.Linear(linear.in_features + SPAN, linear.out_features, bias=linear.bias is not None, device="meta")
+        span = weight.new_zeros(linear.out_features, SPAN)
+        rest.weight = nn.Parameter(torch.cat([weight.index_fill(1, columns, 0.0), span], 1), requires_grad=False)
         if linear.bias is not None:
             rest.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
         int8 = quantize_dynamic(nn.Sequential(rest), {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)[0]
@@ -71,21 +76,21 @@ class Int8Linear(nn.Module):
             return self.forward_in_torch(x)
         stage, finish = functions
         rows, (count, width), threads = rows.contiguous(), rows.shape, torch.get_num_threads()
-        staged, scale = rows.new_empty(count + 1, width), rows.new_empty(count)
+        staged, scale = rows.new_empty(count, width + SPAN), rows.new_empty(count)
         columns = (self.columns.data_ptr(), self.columns.numel())
-        stage(rows.data_ptr(), count, width, *columns, staged.data_ptr(), scale.data_ptr(), threads)
-        output = self.int8(staged)  # (count + 1, size): the span row last
+        stage(rows.data_ptr(), count, width, *columns, staged.data_ptr(), width + SPAN, scale.data_ptr(), threads)
+        output = self.int8(staged)
         size, bias = output.shape[1], None if self.bias is None else self.bias.data_ptr()
         inputs = (scale.data_ptr(), rows.data_ptr(), width, *columns, self.outlier_weight.data_ptr())
         finish(output.data_ptr(), count, size, bias, *inputs, threads)
-        return output[:-1].view(*x.shape[:-1], size)
+        return output.view(*x.shape[:-1], size)
 
     def forward_in_torch(self, x: torch.Tensor) -> torch.Tensor:
         """What `forward` computes (through `inference/int8_rows.c` where it is built), in torch ops."""
         rows = x.flatten(0, -2)
         inliers = rows.index_fill(-1, self.columns, 0.0) if self.columns.numel() else rows
         scale = inliers.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        output = self.int8(torch.cat([inliers / scale, self.span]))[:-1]
+        output = self.int8(torch.cat([inliers / scale, self.span.expand(len(rows), -1)], 1))
         output = output * scale if self.bias is None else torch.addcmul(self.bias, output.sub_(self.bias), scale)
         # The outlier columns one at a time, element by element: a matrix product's kernel (and so its rounding)
         # changes with the number of rows, and a row must compute the same alone as in a batch.
@@ -103,14 +108,18 @@ def row_scaling() -> tuple[Callable, Callable] | None:
     if library is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.int8_stage.argtypes = [pointer, size, size, pointer, size, pointer, pointer, ctypes.c_int]
+    library.int8_stage.argtypes = [pointer, size, size, pointer, size, pointer, size, pointer, ctypes.c_int]
     finish = [pointer, size, size, pointer, pointer, pointer, size, pointer, size, pointer, ctypes.c_int]
     library.int8_finish.argtypes = finish
     return library.int8_stage, library.int8_finish
 
 
 def packed_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """fbgemm's dynamic int8 Linear holding `weight` (per-channel quantized, out × in) and `bias`."""
+    """fbgemm's dynamic int8 Linear holding `weight` (per-channel quantized, out × in) and `bias`, with `SPAN` input
+    columns of zero weight after `weight`'s (`Int8Linear`'s span)."""
+    zero_points = weight.q_per_channel_zero_points()
+    values = torch.cat([weight.int_repr(), zero_points[:, None].to(torch.int8).expand(-1, SPAN)], 1)
+    weight = torch._make_per_channel_quantized_tensor(values, weight.q_per_channel_scales(), zero_points, 0)
     # Made 1 × 1 and given its size after: built at full size, it would first pack a full-size empty weight,
     # which cost as much as packing the real one (fbgemm's prepack is most of a second start).
     int8 = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
@@ -161,7 +170,7 @@ class Int8Part(nn.Module):
         super().__init__()
         object.__setattr__(self, "shared", shared)  # not a submodule: it is registered once, beside its parts
         self.index = index
-        self.in_features = shared.product.int8.in_features
+        self.in_features = shared.product.in_features
         self.out_features = shared.bounds[index + 1] - shared.bounds[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

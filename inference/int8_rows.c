@@ -7,13 +7,13 @@
 #include <stdint.h>
 #include <string.h>
 
-/* staged (rows + 1, width): each row of x (rows, width) with its outlier columns zeroed, divided by its largest
-   magnitude; then the span row (+1, -1, 0, ...). scale (rows): those magnitudes. */
+/* staged (rows, stride), stride > width + 1: each row of x (rows, width) with its outlier columns zeroed, divided by
+   its largest magnitude, then +1, -1 and zeros (the span columns). scale (rows): those magnitudes. */
 void int8_stage(const float *x, int64_t rows, int64_t width, const int64_t *columns, int64_t outliers,
-                float *staged, float *scale, int threads) {
+                float *staged, int64_t stride, float *scale, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        float *row = staged + r * width;
+        float *row = staged + r * stride;
         memcpy(row, x + r * width, sizeof(float) * (size_t)width);
         for (int64_t c = 0; c < outliers; ++c) row[columns[c]] = 0.0f;
         float largest = 0.0f;
@@ -21,11 +21,10 @@ void int8_stage(const float *x, int64_t rows, int64_t width, const int64_t *colu
         largest = fmaxf(largest, FLT_MIN);
         for (int64_t k = 0; k < width; ++k) row[k] = row[k] / largest;
         scale[r] = largest;
+        row[width] = 1.0f;
+        row[width + 1] = -1.0f;
+        for (int64_t k = width + 2; k < stride; ++k) row[k] = 0.0f;
     }
-    float *span = staged + rows * width;
-    memset(span, 0, sizeof(float) * (size_t)width);
-    span[0] = 1.0f;
-    span[1] = -1.0f;
 }
 
 /* out (rows, size), the kernel's product with its bias added, in place: the product scaled back by each row's

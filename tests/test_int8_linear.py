@@ -93,7 +93,7 @@ def test_a_row_of_an_int8_product_is_the_same_alone_and_in_a_batch(shared_and_ap
     shared, _ = shared_and_apart
     product = next(m for m in shared.model.layers[0].children() if isinstance(m, SharedInput)).product
     assert product.columns.numel() > 0  # the outlier columns' fp32 part counts too
-    rows = torch.randn(9, product.int8.in_features, generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(9, product.in_features, generator=torch.Generator().manual_seed(0))
     rows[:, product.columns] *= 30
     with torch.no_grad():
         batched = product(rows)
