@@ -10,8 +10,9 @@ app answering one at a time (`--slots 1`), measured in the same run on the same 
 Both apps run side by side, each first answering a wave of the most visitors both are asked, not counted (a
 process's first wave of many is slower: its KV caches' memory is new). The waves both are asked
 (`--baseline-users`, 1 and 8 visitors) take turns,
-`--rounds` rounds: the batched app, then the one-at-a-time app, so that a drift in the machine's speed
-(a shared VM's changes within minutes) falls on both; the ratio is the median of the rounds' ratios, shown
+`--rounds` rounds: the batched app, then the one-at-a-time app, in the next round the other way round, so that
+a drift in the machine's speed (a shared VM's changes within minutes) and whatever the wave before leaves behind
+fall on both; the ratio is the median of the rounds' ratios, shown
 with its range. The other waves are asked once, after. For each number of users: p50 / p95 time to the
 first streamed word and to the whole answer (over every round's answers), the answers' tokens per second
 all together (median of the rounds), the app's peak memory while serving, and the visitors turned away
@@ -198,9 +199,9 @@ def report(rows: list[dict], baseline: list[dict], rounds: dict[int, list[float]
         f"{cpu_description()}, {args.threads} threads; {args.tokens}-token greedy answers, each visitor with their own "
         f"image, never asked about before; the app with `--slots {args.slots}` (answers decoded together) and, as "
         f"the baseline, `--slots 1` (one at a time), queue {QUEUE}, both running, each after a first wave of "
-        f"{max(args.baseline_users)} not counted; the waves both were asked took turns, {args.rounds} rounds "
-        "(tokens/s and the last answer: medians of the waves; × one at a time: median of the rounds' ratios, their "
-        f"range in brackets); run took {seconds / 60:.1f} min.",
+        f"{max(args.baseline_users)} not counted; the waves both were asked took turns (which app first alternating), "
+        f"{args.rounds} rounds (tokens/s and the last answer: medians of the waves; × one at a time: median of the "
+        f"rounds' ratios, their range in brackets); run took {seconds / 60:.1f} min.",
         "",
         "| slots | users | waves | answered | turned away | first word p50 / p95 | whole answer p50 / p95 "
         "| last answer | tokens/s (all) | × one at a time | peak memory |",
@@ -293,9 +294,10 @@ def main(argv: list[str] | None = None) -> dict[int, list[dict]]:
                 print(f"slots {slots}: {shown}", flush=True)
                 waves[slots].setdefault(users, []).append(result)
 
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for users in args.baseline_users:
-                ask([(args.slots, users), (1, users)])
+                pair = [(args.slots, users), (1, users)]
+                ask(pair if round_ % 2 == 0 else pair[::-1])
         for users in args.users:
             if users not in args.baseline_users:
                 ask([(args.slots, users)])
