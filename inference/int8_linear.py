@@ -48,8 +48,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.int8 = int8  # a dynamic int8 Linear whose weight is zero in `columns` and its last `SPAN` columns
         self.in_features, self.out_features = int8.in_features - SPAN, int8.out_features
-        self.register_buffer("columns", columns)
-        self.register_buffer("outlier_weight", outlier_weight)  # (columns, out_features), fp32
+        # Read through raw pointers by `inference/int8_rows.c`: int64, and fp32 rows one after another.
+        self.register_buffer("columns", columns.to(torch.int64))
+        self.register_buffer("outlier_weight", outlier_weight.float().contiguous())  # (columns, out_features)
         # Added back after the per-row scaling (the kernel adds it before); not saved: the int8 part holds it.
         self.register_buffer("bias", int8.bias(), persistent=False)
         self.register_buffer("span", torch.tensor([[1.0, -1.0] + [0.0] * (SPAN - 2)]), persistent=False)
@@ -72,7 +73,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.flatten(0, -2)
         functions = row_scaling()
-        if functions is None or rows.dtype != torch.float32:
+        if functions is None or rows.dtype != torch.float32 or self.outlier_weight.dtype != torch.float32:
             return self.forward_in_torch(x)
         stage, finish = functions
         rows, (count, width), threads = rows.contiguous(), rows.shape, torch.get_num_threads()

@@ -102,3 +102,15 @@ def test_a_row_of_an_int8_product_is_the_same_alone_and_in_a_batch(shared_and_ap
         torch.testing.assert_close(batched, product.forward_in_torch(rows), rtol=1e-6, atol=1e-6)
         apart = product.forward_in_torch(rows[4:5])
         assert torch.equal(product.forward_in_torch(rows)[4:5], apart)
+
+
+@pytest.mark.filterwarnings("ignore:.*(torch.ao.quantization is deprecated|quantize_per_).*")
+def test_an_int8_layer_reads_its_outlier_columns_whatever_their_integer_type(shared_and_apart):
+    # `inference/int8_rows.c` reads the columns as int64 and the outlier weights as fp32 rows through raw pointers.
+    shared, _ = shared_and_apart
+    product = next(m for m in shared.model.layers[0].children() if isinstance(m, SharedInput)).product
+    other = Int8Linear(product.int8, product.columns.int(), product.outlier_weight.T.contiguous().T)
+    rows = torch.randn(3, product.in_features, generator=torch.Generator().manual_seed(1))
+    rows[:, product.columns] *= 30
+    with torch.no_grad():
+        assert torch.equal(other(rows), product(rows))
