@@ -104,7 +104,6 @@ def test_a_row_of_an_int8_product_is_the_same_alone_and_in_a_batch(shared_and_ap
         assert torch.equal(product.forward_in_torch(rows)[4:5], apart)
 
 
-@pytest.mark.filterwarnings("ignore:.*(torch.ao.quantization is deprecated|quantize_per_).*")
 def test_an_int8_layer_reads_its_outlier_columns_whatever_their_integer_type(shared_and_apart):
     # `inference/int8_rows.c` reads the columns as int64 and the outlier weights as fp32 rows through raw pointers.
     shared, _ = shared_and_apart
